@@ -1,0 +1,24 @@
+# One virtual environment for everything. torch comes first, from the pinned CPU wheel:
+# an unpinned requirement would pull a multi-GB CUDA build (DESIGN.md).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.modular-installed
+
+.PHONY: setup test lint demo
+setup: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0 setuptools wheel
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation -e '.[deepspeed,dev]'
+	touch $@
+
+test: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check modular moe merging finetune tests benchmarks examples
+
+demo: setup
+	HF_HUB_OFFLINE=1 $(VENV)/bin/modular demo

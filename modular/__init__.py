@@ -1,0 +1,43 @@
+"""modular-llm core: the architecture registry, module surgery and the loader.
+
+Heavy imports (torch, transformers) happen on first use of a name, so that the ``modular``
+command starts fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__all__ = [
+    "ArchitectureSpec",
+    "architecture_of",
+    "find_modules",
+    "load_model",
+    "record_injection",
+    "register_architecture",
+    "register_injection",
+    "replace_module",
+]
+
+_EXPORTS = {
+    "ArchitectureSpec": "registry",
+    "architecture_of": "registry",
+    "register_architecture": "registry",
+    "find_modules": "surgery",
+    "record_injection": "surgery",
+    "register_injection": "surgery",
+    "replace_module": "surgery",
+    "load_model": "loading",
+}
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'modular' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,132 @@
+"""``modular.load_model``: the one loader for checkpoints with or without injections.
+
+How it loads an injected checkpoint:
+
+1. read ``config.json``, take the HF ``model_type`` back from the mark, drop the records;
+2. let transformers load the base model from the folder (so its own weight-format
+   conversions, e.g. fused MoE experts, apply as for any checkpoint);
+3. replay each injection record through its registered rebuild function;
+4. read from the safetensors files every tensor the injections added (names the base model
+   did not have), by name; any that is missing is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import CONFIG_MAPPING
+from transformers.core_model_loading import revert_weight_conversion
+from transformers.utils import logging as hf_logging
+
+from .checkpoint import CheckpointError, SafetensorsCheckpoint
+from .surgery import INJECTIONS_KEY, InjectionError, base_model_type, clear_injection_records, rebuild_injection
+
+__all__ = ["load_model"]
+
+
+def _read_config(path: Path) -> tuple[transformers.PretrainedConfig, list[dict]]:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{path}: no config.json (expected a folder written by save_pretrained)")
+    try:
+        config_dict = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{config_file}: not valid JSON ({err})") from None
+    records = config_dict.pop(INJECTIONS_KEY, None) or []
+    model_type = base_model_type(config_dict.get("model_type", ""))
+    if model_type not in CONFIG_MAPPING:
+        raise CheckpointError(f"{config_file}: model_type {model_type!r} is not known to transformers {transformers.__version__}")
+    config_dict["model_type"] = model_type
+    return CONFIG_MAPPING[model_type].from_dict(config_dict), records
+
+
+def _model_class(config: transformers.PretrainedConfig, path: Path) -> type:
+    names = getattr(config, "architectures", None) or []
+    if not names:
+        raise CheckpointError(f"{path}/config.json has no `architectures` entry; cannot tell which model class to build")
+    cls = getattr(transformers, names[0], None)
+    if cls is None:
+        raise CheckpointError(f"{path}/config.json names architecture {names[0]!r}, which transformers does not provide")
+    return cls
+
+
+def load_model(path: str | os.PathLike, *, dtype: str | torch.dtype = "auto", **from_pretrained_kwargs) -> torch.nn.Module:
+    """Load a ``save_pretrained`` folder, re-applying every modular-llm injection recorded in it.
+
+    Works for plain HF checkpoints too. ``dtype`` and other keyword arguments go to
+    transformers' ``from_pretrained``. Local folders only.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"load_model: {str(path)!r} is not a folder (expected a save_pretrained output)")
+    config, records = _read_config(path)
+    checkpoint = SafetensorsCheckpoint(path)
+    model_class = _model_class(config, path)
+
+    # The injected tensors are unknown to the base model: transformers would report them as
+    # unexpected (and injected-away modules as missing) although step 4 loads them.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model = model_class.from_pretrained(path, config=config, dtype=dtype, **from_pretrained_kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if not records:
+        return model
+
+    base_names = set(model.state_dict())
+    clear_injection_records(model)
+    for record in records:
+        rebuild_injection(model, record)
+    rebuilt = [r["kind"] for r in getattr(model.config, INJECTIONS_KEY, [])]
+    if rebuilt != [r["kind"] for r in records]:
+        raise InjectionError(f"{path}: rebuilding injections {[r['kind'] for r in records]} recorded {rebuilt} instead")
+    _load_injected_tensors(model, checkpoint, base_names)
+    model.eval()
+    return model
+
+
+def _saved_names(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Model name -> name in the saved files for ``tensors``.
+
+    ``save_pretrained`` reverts transformers' weight conversions (e.g. Mixtral's ``mlp`` is
+    saved as ``block_sparse_moe``), so the same reversal names the injected tensors on disk.
+    Renames keep the tensor object, which is how names are matched back.
+    """
+    saved = revert_weight_conversion(model, dict(tensors))
+    by_identity = {id(t): name for name, t in saved.items()}
+    names = {}
+    for name, tensor in tensors.items():
+        if id(tensor) not in by_identity:
+            raise InjectionError(
+                f"injected tensor {name!r} falls under a transformers weight conversion that is not a rename "
+                "(e.g. fused MoE experts); injections must leave such weights under their original names"
+            )
+        names[name] = by_identity[id(tensor)]
+    return names
+
+
+def _load_injected_tensors(model: torch.nn.Module, checkpoint: SafetensorsCheckpoint, base_names: set[str]) -> None:
+    state = model.state_dict()
+    added = {name: tensor for name, tensor in state.items() if name not in base_names}
+    on_disk = _saved_names(model, added)
+    missing = [name for name in added if on_disk[name] not in checkpoint]
+    if missing:
+        raise CheckpointError(
+            f"{checkpoint.path}: the injected model needs {len(missing)} tensors the checkpoint lacks, "
+            f"e.g. {[on_disk[n] for n in missing[:3]]}"
+        )
+    model_name = {saved: name for name, saved in on_disk.items()}
+    with torch.no_grad():
+        for saved, tensor in checkpoint.get_many(on_disk.values()):
+            target = state[model_name[saved]]
+            if target.shape != tensor.shape:
+                raise CheckpointError(
+                    f"{checkpoint.path}: tensor {saved!r} has shape {tuple(tensor.shape)}, "
+                    f"the injected model expects {tuple(target.shape)}"
+                )
+            target.copy_(tensor)

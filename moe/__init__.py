@@ -1,0 +1,3 @@
+"""moe part of modular-llm (see DESIGN.md)."""
+
+__all__: list[str] = []
