@@ -9,7 +9,9 @@ from __future__ import annotations
 import importlib
 
 __all__ = [
+    "ACMConfig",
     "ArchitectureSpec",
+    "acmize",
     "architecture_of",
     "find_modules",
     "load_model",
@@ -28,6 +30,8 @@ _EXPORTS = {
     "register_injection": "surgery",
     "replace_module": "surgery",
     "load_model": "loading",
+    "ACMConfig": "acm",
+    "acmize": "acm",
 }
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig
 
-__all__ = ["TINY_OVERRIDES", "tiny_config", "tiny_model"]
+__all__ = ["TINY_OVERRIDES", "tiny_config", "tiny_model", "tiny_tokenizer"]
 
 _DECODER = dict(
     vocab_size=128,
@@ -55,3 +55,29 @@ def tiny_model(model_type: str, *, seed: int = 0, **overrides) -> torch.nn.Modul
     torch.manual_seed(seed)
     auto = AutoModel if model_type == "bert" else AutoModelForCausalLM
     return auto.from_config(config).eval()
+
+
+def tiny_tokenizer(texts: list[str] | None = None, vocab_size: int = 128):
+    """A small BPE tokenizer trained here on ``texts`` (offline; default: the alphabet).
+
+    Ids 0-3 are ``<pad> <s> </s> <unk>``, matching the special ids of :func:`tiny_config`;
+    lowercase letters, digits and common punctuation are always in the vocabulary.
+    """
+    import string
+
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    alphabet = list(string.ascii_lowercase + string.digits + ".,;:!?'()-")
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.normalizer = normalizers.Sequence([normalizers.NFKD(), normalizers.StripAccents(), normalizers.Lowercase()])
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet, limit_alphabet=len(alphabet),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts or [" ".join(alphabet)], trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )

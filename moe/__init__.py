@@ -1,3 +1,23 @@
-"""moe part of modular-llm (see DESIGN.md)."""
+"""moe part of modular-llm: AdaMoE null-expert routing in HF MoE models, sparse upcycling,
+fast experts implementations, routing statistics (see DESIGN.md, METHODS.md)."""
 
-__all__: list[str] = []
+from .adamoe import adamoe_routers, inject_adamoe
+from .config import AdaMoEConfig
+from .experts import megablocks_experts_forward, modular_experts_forward
+from .loss import adamoe_aux_loss, load_balancing_loss
+from .stats import mean_experts_per_token, plot_routing_stats, routing_stats
+from .upcycle import upcycle_to_moe
+
+__all__: list[str] = [
+    "AdaMoEConfig",
+    "adamoe_aux_loss",
+    "adamoe_routers",
+    "inject_adamoe",
+    "load_balancing_loss",
+    "mean_experts_per_token",
+    "megablocks_experts_forward",
+    "modular_experts_forward",
+    "plot_routing_stats",
+    "routing_stats",
+    "upcycle_to_moe",
+]

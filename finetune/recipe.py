@@ -1,0 +1,221 @@
+"""The ``modular train`` recipe: one YAML file, parsed once into typed sections.
+
+Example (``examples/recipes/lisa_adamoe.yaml``)::
+
+    model:
+      config: {model_type: llama, hidden_size: 64, num_hidden_layers: 4, ...}   # or path: ./my-model
+      tokenizer: ./tokenizer
+    injections:
+      - upcycle: {num_experts: 4, top_k: 2}
+      - adamoe: {num_null_experts: 4, top_k: 3}
+    data: {train: data/train.jsonl, eval: data/eval.jsonl, text_field: text, max_length: 128}
+    lisa: {num_active_layers: 2, interval_steps: 10}
+    optimizer: {name: onebit_adam, lr: 1e-3, freeze_step: 20}
+    deepspeed: onebit_zero0            # a packaged config name, or a path to a JSON file
+    training: {max_steps: 100, per_device_train_batch_size: 8, save_steps: 20}
+    output_dir: runs/task-a
+
+Paths are relative to the recipe file. Impossible combinations are refused here, before any
+model is built: LISA with ZeRO-3 (parameters are partitioned, so a layer cannot be frozen and
+unfrozen by ``requires_grad``), and OneBitAdam with ZeRO > 0 (its compressed all-reduce
+replaces the gradient reduction that ZeRO partitions).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from modular.config_io import ConfigError, from_dict, read_yaml
+
+__all__ = ["Recipe", "load_recipe", "INJECTION_KINDS"]
+
+INJECTION_KINDS = ("upcycle", "adamoe", "acm")
+DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".txt": "text"}
+
+
+@dataclass
+class ModelSection:
+    path: str | None = None
+    config: dict | None = None
+    tokenizer: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.path is None) == (self.config is None):
+            raise ValueError("give exactly one of `path` (a saved model folder) or `config` (a model built from scratch)")
+        if self.config is not None and "model_type" not in self.config:
+            raise ValueError("`config` needs a `model_type` (e.g. llama)")
+        if self.tokenizer is None and self.path is None:
+            raise ValueError("a model built from `config` needs a `tokenizer` folder")
+
+
+@dataclass
+class DataSection:
+    train: str
+    eval: str | None = None
+    text_field: str = "text"
+    max_length: int = 256
+    packing: bool = True
+
+    def __post_init__(self) -> None:
+        for split in (self.train, self.eval):
+            if split is not None and Path(split).suffix not in DATA_SUFFIXES:
+                raise ValueError(f"data file {split!r}: expected one of {', '.join(DATA_SUFFIXES)}")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {self.max_length}")
+
+
+@dataclass
+class LisaSection:
+    num_active_layers: int = 2
+    interval_steps: int = 20
+    train_embeddings: bool = True
+    train_head: bool = True
+    seed: int = 0
+
+
+@dataclass
+class OptimizerSection:
+    name: Literal["adamw", "onebit_adam"] = "adamw"
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    freeze_step: int | None = None  # OneBitAdam's warm-up steps; default: 15 % of max_steps
+
+    def __post_init__(self) -> None:
+        if self.freeze_step is not None and self.name != "onebit_adam":
+            raise ValueError("`freeze_step` only applies to name: onebit_adam")
+
+
+@dataclass
+class Recipe:
+    model: ModelSection
+    data: DataSection
+    output_dir: str
+    injections: list[dict] = field(default_factory=list)
+    lisa: LisaSection | None = None
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    deepspeed: str | None = None
+    training: dict = field(default_factory=dict)
+    source: str = ""  # the recipe file, for messages
+
+    @property
+    def zero_stage(self) -> int | None:
+        if self.deepspeed is None:
+            return None
+        return int(json.loads(Path(self.deepspeed).read_text()).get("zero_optimization", {}).get("stage", 0))
+
+
+def _resolve(base: Path, value: str | None) -> str | None:
+    return None if value is None else str((base / os.path.expanduser(value)).resolve())
+
+
+def _deepspeed_config(base: Path, value: str, where: str) -> str:
+    from .deepspeed_configs import deepspeed_config_path  # packaged configs, by name
+
+    candidate = base / value
+    if candidate.is_file():
+        return str(candidate.resolve())
+    try:
+        return str(deepspeed_config_path(value))
+    except (KeyError, FileNotFoundError, ValueError):
+        raise ConfigError(f"{where}: {value!r} is neither a file nor a packaged DeepSpeed config name") from None
+
+
+@dataclass
+class UpcycleSection:
+    """Arguments of ``moe.upcycle_to_moe``."""
+
+    num_experts: int = 8
+    top_k: int = 2
+    noise_std: float = 0.0
+    seed: int = 0
+
+
+def _config_class(kind: str) -> type:
+    if kind == "upcycle":
+        return UpcycleSection
+    if kind == "adamoe":
+        from moe import AdaMoEConfig
+
+        return AdaMoEConfig
+    from modular.acm import ACMConfig
+
+    return ACMConfig
+
+
+def _check_injections(injections: list, where: str) -> list[dict]:
+    checked = []
+    for i, item in enumerate(injections):
+        if not (isinstance(item, dict) and len(item) == 1):
+            raise ConfigError(f"{where}[{i}]: expected one mapping like `adamoe: {{...}}`, got {item!r}")
+        ((kind, params),) = item.items()
+        if kind not in INJECTION_KINDS:
+            raise ConfigError(f"{where}[{i}]: unknown injection {kind!r}; expected one of {', '.join(INJECTION_KINDS)}")
+        if params is not None and not isinstance(params, dict):
+            raise ConfigError(f"{where}[{i}].{kind}: expected a mapping of settings, got {params!r}")
+        from_dict(_config_class(kind), params or {}, f"{where}[{i}].{kind}")
+        checked.append({"kind": kind, "params": params or {}})
+    kinds = [c["kind"] for c in checked]
+    if "upcycle" in kinds and "adamoe" in kinds and kinds.index("upcycle") > kinds.index("adamoe"):
+        raise ConfigError(f"{where}: `upcycle` must come before `adamoe` (AdaMoE is injected into MoE blocks)")
+    return checked
+
+
+def load_recipe(path: str | os.PathLike) -> Recipe:
+    """Parse and validate a recipe file; every error names the file and the key."""
+    path = Path(path)
+    data = read_yaml(path)
+    where = str(path)
+    data.setdefault("output_dir", None)
+    if data["output_dir"] is None:
+        raise ConfigError(f"{where}: missing required key 'output_dir'")
+    injections = _check_injections(data.pop("injections", None) or [], f"{where}: injections")
+    recipe = from_dict(Recipe, data, where)
+    recipe.injections = injections
+    recipe.source = where
+
+    base = path.resolve().parent
+    recipe.output_dir = _resolve(base, recipe.output_dir)
+    recipe.model.path = _resolve(base, recipe.model.path)
+    recipe.model.tokenizer = _resolve(base, recipe.model.tokenizer)
+    recipe.data.train = _resolve(base, recipe.data.train)
+    recipe.data.eval = _resolve(base, recipe.data.eval)
+    for key, value in (("model.path", recipe.model.path), ("model.tokenizer", recipe.model.tokenizer)):
+        if value is not None and not Path(value).is_dir():
+            raise ConfigError(f"{where}: {key}: folder {value!r} does not exist")
+    for key, value in (("data.train", recipe.data.train), ("data.eval", recipe.data.eval)):
+        if value is not None and not Path(value).is_file():
+            raise ConfigError(f"{where}: {key}: file {value!r} does not exist")
+    if recipe.deepspeed is not None:
+        recipe.deepspeed = _deepspeed_config(base, recipe.deepspeed, f"{where}: deepspeed")
+    _check_combinations(recipe, where)
+    return recipe
+
+
+def _check_combinations(recipe: Recipe, where: str) -> None:
+    stage = recipe.zero_stage
+    if recipe.lisa is not None and stage == 3:
+        raise ConfigError(
+            f"{where}: lisa with ZeRO stage 3 is not supported: ZeRO-3 partitions parameters, so LISA cannot "
+            "freeze and unfreeze whole layers; use a ZeRO-0/1/2 config"
+        )
+    if recipe.optimizer.name == "onebit_adam" and stage not in (None, 0):
+        raise ConfigError(
+            f"{where}: optimizer onebit_adam needs ZeRO stage 0 (its compressed all-reduce replaces the gradient "
+            f"reduction ZeRO partitions); the deepspeed config has stage {stage}"
+        )
+    reserved = {"output_dir", "deepspeed", "optimizers"} & set(recipe.training)
+    if reserved:
+        raise ConfigError(f"{where}: training: {', '.join(sorted(reserved))} are set by the recipe itself, not under training")
+
+
+def describe(recipe: Any) -> str:
+    """One line per section, for the run log."""
+    inj = ", ".join(i["kind"] for i in recipe.injections) or "none"
+    lisa = "off" if recipe.lisa is None else f"γ={recipe.lisa.num_active_layers}, K={recipe.lisa.interval_steps}"
+    return f"model={recipe.model.path or recipe.model.config.get('model_type')} injections={inj} lisa={lisa} optimizer={recipe.optimizer.name}"

@@ -1,0 +1,265 @@
+"""``modular train RECIPE.yaml``: the recipe runner (inject → fine-tune → save), read top to bottom.
+
+Runs the same way in one process, under ``torchrun --nproc_per_node N -m finetune.train
+RECIPE.yaml`` and under ``deepspeed --num_gpus N --module finetune.train RECIPE.yaml``.
+A re-run of the same recipe resumes from the last checkpoint in ``output_dir``; SIGTERM makes
+the run save a checkpoint at the end of the current step and stop, so a killed run loses
+nothing it had written. Outputs in ``output_dir``: ``checkpoint-*`` (Trainer), ``model/`` (the
+final model, loadable with ``modular.load_model``), ``metrics.json`` (loss history, eval loss,
+routing statistics, LISA schedule), ``lisa_schedule.json`` and ``loss.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from .recipe import Recipe, describe, load_recipe
+
+__all__ = ["add_parser", "run_recipe"]
+
+
+def _is_distributed_launch() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _build_model(recipe: Recipe) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from modular import load_model
+
+    if recipe.model.path is not None:
+        return load_model(recipe.model.path, dtype=torch.float32)
+    config = dict(recipe.model.config)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
+
+
+def _datasets(recipe: Recipe, tokenizer) -> dict:
+    """Tokenised splits; with ``packing`` the texts are concatenated and cut into ``max_length`` blocks."""
+    from datasets import load_dataset
+
+    from .recipe import DATA_SUFFIXES
+
+    data = recipe.data
+    files = {"train": data.train, **({"eval": data.eval} if data.eval else {})}
+    raw = load_dataset(DATA_SUFFIXES[Path(data.train).suffix], data_files=files)
+    if data.text_field not in raw["train"].column_names:
+        raise ValueError(f"{recipe.source}: data.text_field {data.text_field!r} not in {raw['train'].column_names}")
+
+    def tokenize(batch):
+        return tokenizer(batch[data.text_field], truncation=not data.packing, max_length=data.max_length)
+
+    tokenized = raw.map(tokenize, batched=True, remove_columns=raw["train"].column_names)
+    if not data.packing:
+        return tokenized
+
+    def pack(batch):
+        ids = [t for seq in batch["input_ids"] for t in seq + [tokenizer.eos_token_id or tokenizer.sep_token_id]]
+        usable = len(ids) // data.max_length * data.max_length
+        return {"input_ids": [ids[i : i + data.max_length] for i in range(0, usable, data.max_length)]}
+
+    return tokenized.map(pack, batched=True, remove_columns=tokenized["train"].column_names)
+
+
+def _inject(model: torch.nn.Module, recipe: Recipe, calibration) -> torch.nn.Module:
+    for item in recipe.injections:
+        kind, params = item["kind"], item["params"]
+        if kind == "upcycle":
+            from moe import upcycle_to_moe
+
+            model = upcycle_to_moe(model, **params)
+        elif kind == "adamoe":
+            from moe import AdaMoEConfig, inject_adamoe
+
+            inject_adamoe(model, AdaMoEConfig(**params))
+        elif kind == "acm":
+            from modular.acm import ACMConfig, acmize
+
+            model = acmize(model, ACMConfig(**params), calibration)
+    return model
+
+
+def _optimizer_args(recipe: Recipe, max_steps: int) -> dict:
+    """Trainer keyword arguments that select the optimizer."""
+    opt = recipe.optimizer
+    if opt.name == "adamw":
+        return {}
+    from .onebit_adam import OneBitAdam
+
+    freeze_step = opt.freeze_step or max(1, round(0.15 * max_steps))
+    kwargs = dict(lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay, freeze_step=freeze_step)
+    return {"optimizer_cls_and_kwargs": (OneBitAdam, kwargs)}
+
+
+class GracefulStop(TrainerCallback):
+    """On SIGTERM, save a checkpoint after the current step and stop."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        print("modular train: SIGTERM received, saving a checkpoint and stopping", file=sys.stderr, flush=True)
+        self.requested = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+def _training_arguments(recipe: Recipe):
+    from transformers import TrainingArguments
+
+    opt = recipe.optimizer
+    settings = dict(
+        output_dir=recipe.output_dir,
+        learning_rate=opt.lr,
+        weight_decay=opt.weight_decay,
+        adam_beta1=opt.betas[0],
+        adam_beta2=opt.betas[1],
+        adam_epsilon=opt.eps,
+        report_to=[],
+        save_strategy="steps",
+        save_steps=50,
+        logging_steps=10,
+        seed=0,
+    )
+    settings.update(recipe.training)
+    if recipe.deepspeed is not None:
+        settings.update(deepspeed=recipe.deepspeed, accelerator_config={"use_configured_state": True})
+    elif not torch.cuda.is_available():
+        settings.update(use_cpu=True, ddp_backend="gloo" if _is_distributed_launch() else None)
+    return TrainingArguments(**settings)
+
+
+def run_recipe(recipe: Recipe) -> Path:
+    """Run one recipe to the end (or resume it); returns the final model folder."""
+    from transformers import AutoTokenizer, DataCollatorForLanguageModeling, Trainer
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if recipe.deepspeed is not None and not torch.cuda.is_available():
+        from .deepspeed_configs import cpu_deepspeed_state
+
+        cpu_deepspeed_state()  # accelerate would otherwise see one process per rank on CPU
+    print(f"modular train: {describe(recipe)}", flush=True)
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(recipe.model.tokenizer or recipe.model.path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    data = _datasets(recipe, tokenizer)
+    model = _build_model(recipe)
+    calibration = [{"input_ids": torch.tensor(row["input_ids"])[None]} for row in data["train"].select(range(min(16, len(data["train"]))))]
+    model = _inject(model, recipe, calibration)
+
+    args = _training_arguments(recipe)
+    callbacks = [GracefulStop()]
+    if recipe.lisa is not None:
+        from .lisa import LisaCallback
+
+        callbacks.append(LisaCallback(**asdict(recipe.lisa)))
+    if any(i["kind"] == "adamoe" for i in recipe.injections):
+        from .aux_loss import MoEAuxLossCallback
+
+        callbacks.append(MoEAuxLossCallback())
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=data["train"],
+        eval_dataset=data.get("eval"),
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        callbacks=callbacks,
+        **_optimizer_args(recipe, args.max_steps),
+    )
+    if recipe.optimizer.name == "onebit_adam":
+        from .onebit_adam import SkipHostAllReduceCallback
+
+        trainer.add_callback(SkipHostAllReduceCallback(trainer))
+
+    last = get_last_checkpoint(recipe.output_dir) if Path(recipe.output_dir).is_dir() else None
+    if last:
+        print(f"modular train: resuming from {last}", flush=True)
+    trainer.train(resume_from_checkpoint=last)
+    if any(cb.requested for cb in callbacks if isinstance(cb, GracefulStop)):
+        print("modular train: stopped on request; re-run the same command to resume", flush=True)
+        return Path(last or recipe.output_dir)
+    metrics = {"eval_loss": trainer.evaluate()["eval_loss"]} if data.get("eval") is not None else {}
+    final = Path(recipe.output_dir) / "model"
+    if trainer.is_world_process_zero():
+        _write_outputs(trainer, tokenizer, final, metrics, data.get("eval"))
+    return final
+
+
+def _write_outputs(trainer, tokenizer, final: Path, metrics: dict, eval_data) -> None:
+    from modular.checkpoint import atomic_output_dir
+
+    model = trainer.model
+    with atomic_output_dir(final, force=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    metrics["log_history"] = trainer.state.log_history
+    if any(r["kind"] == "adamoe" for r in getattr(model.config, "modular_injections", []) or []) and eval_data is not None:
+        from moe import mean_experts_per_token, routing_stats
+
+        batch = torch.tensor(eval_data[: min(8, len(eval_data))]["input_ids"])
+        with torch.no_grad():
+            model.eval()(batch.to(model.device))
+        metrics["routing_stats"] = routing_stats(model)
+        metrics["mean_experts_per_token"] = mean_experts_per_token(metrics["routing_stats"])
+    schedule = Path(trainer.args.output_dir) / "lisa_schedule.json"
+    if schedule.is_file():
+        metrics["lisa_schedule"] = json.loads(schedule.read_text())
+    out = Path(trainer.args.output_dir)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    _plot_loss(metrics["log_history"], out / "loss.png")
+    print(f"modular train: model in {final}, metrics in {out / 'metrics.json'}", flush=True)
+
+
+def _plot_loss(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key in ("loss", "eval_loss"):
+        points = [(h["step"], h[key]) for h in history if key in h]
+        if points:
+            ax.plot(*zip(*points), marker="." if key == "eval_loss" else None, label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _run(args: argparse.Namespace) -> int:
+    run_recipe(load_recipe(args.recipe))
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("train", help="fine-tune a model from a recipe YAML (inject, LISA, 1-bit Adam, DeepSpeed)")
+    parser.add_argument("recipe", help="the recipe file (see finetune/recipe.py)")
+    parser.set_defaults(func=_run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m finetune.train")
+    parser.add_argument("recipe")
+    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    return _run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

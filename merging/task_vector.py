@@ -1,0 +1,293 @@
+"""``TaskVector``: τ = θ_ft − θ_0 by parameter name, computed lazily tensor by tensor.
+
+A task vector never holds a model: each ``get(name)`` reads the two tensors it needs (from
+safetensors shards, modules or a saved task vector), subtracts them in float32 and checks the
+result is finite. Arithmetic (``+``, ``−``, scalar ``×``) composes lazily too, so
+``(tv_a + tv_b).save(...)`` streams. A tensor absent from a task vector means a zero delta
+(e.g. the weights a LoRA adapter does not touch).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from modular.checkpoint import CheckpointError, atomic_output_dir
+
+from .methods import ties_process
+from .streaming import DEFAULT_SHARD_BYTES, CheckpointSource, ShardedWriter, as_source
+
+__all__ = ["TaskVector", "check_compatible", "ties_processed"]
+
+FORMAT = "modular-task-vector"
+META_FILE = "task_vector.json"
+
+
+def _first_mismatches(items: list[str], limit: int = 5) -> str:
+    more = f" (and {len(items) - limit} more)" if len(items) > limit else ""
+    return "; ".join(items[:limit]) + more
+
+
+def check_compatible(base, other, *, what: str = "model", require_same_names: bool = True) -> None:
+    """Raise ``ValueError`` if ``other`` cannot be merged with ``base`` (both sources).
+
+    Checks vocab sizes from the configs first (the usual cause of embedding mismatches), then
+    names and shapes; the message lists the first mismatching tensors.
+    """
+    base_cfg, other_cfg = base.config() or {}, other.config() or {}
+    vb, vo = base_cfg.get("vocab_size"), other_cfg.get("vocab_size")
+    if vb is not None and vo is not None and vb != vo:
+        raise ValueError(
+            f"vocab sizes differ: base {base!r} has vocab_size {vb}, {what} {other!r} has {vo}; "
+            "resize the fine-tuned model's embeddings to the base vocabulary before merging"
+        )
+    base_names, other_names = set(base.names()), set(other.names())
+    problems = []
+    if require_same_names:
+        problems += [f"{n!r} missing from {what}" for n in base.names() if n not in other_names]
+    problems += [f"{n!r} not in base" for n in other.names() if n not in base_names]
+    problems += [
+        f"{n!r} has shape {tuple(other.shape(n))} in {what}, {tuple(base.shape(n))} in base"
+        for n in other.names()
+        if n in base_names and other.shape(n) != base.shape(n)
+    ]
+    if problems:
+        raise ValueError(
+            f"{what} {other!r} does not match base {base!r} (different architecture or shapes): {_first_mismatches(problems)}"
+        )
+
+
+class TaskVector:
+    """Named deltas, computed on demand.
+
+    Args:
+        shapes: tensor name -> shape, for every tensor with a (possibly) non-zero delta.
+        get: name -> float32 delta tensor of that shape.
+        label: shown in error messages and model cards.
+    """
+
+    def __init__(self, shapes: Mapping[str, torch.Size], get: Callable[[str], torch.Tensor], label: str = "task vector"):
+        self.shapes = dict(shapes)
+        self._get = get
+        self.label = label
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_models(cls, base, finetuned, *, exclude: str | None = None, label: str | None = None) -> TaskVector:
+        """τ = finetuned − base. Each argument is a checkpoint folder, a module or a dict of tensors.
+
+        ``exclude``: regex; matching names are left out (e.g. per-task heads, ``"^classifier\\."``).
+        """
+        base_src, ft_src = as_source(base), as_source(finetuned)
+        keep = [n for n in base_src.names() if not (exclude and re.search(exclude, n))]
+        ft_keep = [n for n in ft_src.names() if not (exclude and re.search(exclude, n))]
+        check_compatible(_Subset(base_src, keep), _Subset(ft_src, ft_keep), what="fine-tuned model")
+        return cls(
+            {n: base_src.shape(n) for n in keep},
+            lambda n: ft_src.get(n).float() - base_src.get(n).float(),
+            label=label or repr(ft_src),
+        )
+
+    @classmethod
+    def from_lora(cls, adapter, *, adapter_name: str = "default", label: str | None = None) -> TaskVector:
+        """The dense delta ΔW = scaling · B A of each LoRA layer, under the base weight's name.
+
+        ``adapter``: a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``)
+        or a ``PeftModel``. Linear LoRA layers only (embedding/conv LoRA, DoRA and
+        ``modules_to_save`` raise); ``use_rslora``, ``rank_pattern``, ``alpha_pattern`` and
+        ``fan_in_fan_out`` are honoured.
+        """
+        if isinstance(adapter, torch.nn.Module):
+            deltas = _lora_deltas_from_model(adapter, adapter_name)
+        else:
+            deltas = _lora_deltas_from_folder(Path(adapter))
+        return cls.from_tensors(deltas, label=label or str(adapter if not isinstance(adapter, torch.nn.Module) else "LoRA"))
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], label: str = "task vector") -> TaskVector:
+        tensors = {n: t.detach().float() for n, t in tensors.items()}
+        return cls({n: t.shape for n, t in tensors.items()}, tensors.__getitem__, label=label)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> TaskVector:
+        """A task vector written by ``save`` (lazy: tensors are read when used)."""
+        path = Path(path)
+        meta_file = path / META_FILE
+        if not meta_file.is_file():
+            raise CheckpointError(f"{path}: no {META_FILE}; not a task vector written by TaskVector.save")
+        meta = json.loads(meta_file.read_text())
+        if meta.get("format") != FORMAT:
+            raise CheckpointError(f"{meta_file}: format {meta.get('format')!r}, expected {FORMAT!r}")
+        src = CheckpointSource(path)
+        return cls({n: src.shape(n) for n in src.names()}, lambda n: src.get(n).float(), label=meta.get("label", str(path)))
+
+    # -- access -------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return list(self.shapes)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.shapes
+
+    def get(self, name: str) -> torch.Tensor:
+        """The delta for ``name`` (zeros if this vector does not touch it); NaN/inf are an error."""
+        if name not in self.shapes:
+            raise KeyError(f"{self.label}: no tensor named {name!r}")
+        delta = self._get(name)
+        if not torch.isfinite(delta).all():
+            raise ValueError(f"{self.label}: tensor {name!r} of the task vector contains NaN or inf")
+        return delta
+
+    def to_dict(self) -> dict[str, torch.Tensor]:
+        """All deltas in memory (small models only)."""
+        return {n: self.get(n) for n in self.shapes}
+
+    # -- arithmetic ---------------------------------------------------------------------------
+    def _zip(self, other: TaskVector, op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], sym: str) -> TaskVector:
+        if not isinstance(other, TaskVector):
+            return NotImplemented
+        clash = [f"{n!r}: {tuple(s)} vs {tuple(other.shapes[n])}" for n, s in self.shapes.items() if n in other.shapes and other.shapes[n] != s]
+        if clash:
+            raise ValueError(f"task vectors {self.label!r} and {other.label!r} disagree on shapes: {_first_mismatches(clash)}")
+        shapes = {**self.shapes, **other.shapes}
+
+        def get(n: str) -> torch.Tensor:
+            a = self.get(n) if n in self.shapes else torch.zeros(shapes[n])
+            b = other.get(n) if n in other.shapes else torch.zeros(shapes[n])
+            return op(a, b)
+
+        return TaskVector(shapes, get, label=f"({self.label} {sym} {other.label})")
+
+    def __add__(self, other: TaskVector) -> TaskVector:
+        return self._zip(other, torch.add, "+")
+
+    def __sub__(self, other: TaskVector) -> TaskVector:
+        return self._zip(other, torch.sub, "-")
+
+    def __mul__(self, scale: float) -> TaskVector:
+        if not isinstance(scale, (int, float)):
+            return NotImplemented
+        return TaskVector(self.shapes, lambda n: self.get(n) * scale, label=f"{scale:g} * {self.label}")
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> TaskVector:
+        return self * -1.0
+
+    # -- output -------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike, *, force: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+        """Write as (sharded) safetensors + ``task_vector.json``, tensor by tensor, atomically."""
+        with atomic_output_dir(path, force=force) as tmp:
+            writer = ShardedWriter(tmp, [(n, s, torch.float32) for n, s in self.shapes.items()], max_shard_bytes)
+            for name in self.shapes:
+                writer.add(name, self.get(name))
+            writer.close()
+            (tmp / META_FILE).write_text(json.dumps({"format": FORMAT, "version": 1, "label": self.label}, indent=2))
+        return Path(path)
+
+    def apply(self, base, out: str | os.PathLike, *, scale: float = 1.0, force: bool = False, **merge_kwargs) -> Path:
+        """Write θ_0 + scale · τ as a model folder (config/tokenizer copied from ``base`` if a folder)."""
+        from .merge import merge
+
+        return merge("task_arithmetic", base, [self], lambda_=scale, out=out, force=force, **merge_kwargs)
+
+    def __repr__(self) -> str:
+        return f"TaskVector({self.label!r}, {len(self.shapes)} tensors)"
+
+
+def ties_processed(task_vectors: Sequence[TaskVector], *, density: float | Sequence[float] = 0.2) -> list[TaskVector]:
+    """TIES steps 1–2 applied to each task vector (AdaMerging++'s inputs), lazily per tensor.
+
+    τ̃_k = trim(τ_k) where its sign agrees with the sign elected over all K trimmed vectors
+    (weights 1), else 0. Trimming is per tensor (see ``merging.methods``). The K rows of a
+    tensor are computed together and the last tensor is cached, so reading τ̃_1..τ̃_K of one
+    name costs one TIES pass.
+    """
+    cache: dict[str, torch.Tensor] = {}
+    shapes = {n: s for tv in task_vectors for n, s in tv.shapes.items()}
+
+    def row(k: int, name: str) -> torch.Tensor:
+        if name not in cache:
+            cache.clear()
+            deltas = [tv.get(name) if name in tv else torch.zeros(shapes[name]) for tv in task_vectors]
+            weighted, _, agree = ties_process(deltas, density=density)
+            cache[name] = weighted.mul_(agree)
+        return cache[name][k]
+
+    return [TaskVector(shapes, functools.partial(row, k), label=f"TIES({tv.label})") for k, tv in enumerate(task_vectors)]
+
+
+class _Subset:
+    """A source restricted to some names (for ``exclude``)."""
+
+    def __init__(self, source, names: list[str]):
+        self.source, self._names = source, names
+
+    def names(self) -> list[str]:
+        return self._names
+
+    def shape(self, name: str) -> torch.Size:
+        return self.source.shape(name)
+
+    def config(self) -> dict | None:
+        return self.source.config()
+
+    def __repr__(self) -> str:
+        return repr(self.source)
+
+
+def _pattern_value(module: str, patterns: Mapping[str, float], default: float) -> float:
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?{key}$", module):
+            return value
+    return default
+
+
+def _lora_deltas_from_folder(folder: Path) -> dict[str, torch.Tensor]:
+    cfg_file, weights_file = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    for f in (cfg_file, weights_file):
+        if not f.is_file():
+            raise FileNotFoundError(f"{folder}: no {f.name} (expected a PEFT LoRA adapter folder)")
+    cfg = json.loads(cfg_file.read_text())
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{cfg_file}: peft_type {cfg.get('peft_type')!r}; only LORA adapters convert to task vectors")
+    if cfg.get("use_dora") or cfg.get("modules_to_save"):
+        raise ValueError(f"{cfg_file}: DoRA and modules_to_save are not supported as task vectors")
+    try:
+        tensors = load_file(str(weights_file))
+    except Exception as err:
+        raise CheckpointError(f"{weights_file}: cannot be read as safetensors ({err})") from None
+    deltas = {}
+    for key in tensors:
+        if ".lora_A." not in key:
+            if ".lora_B." not in key:
+                raise ValueError(f"{weights_file}: tensor {key!r} is not a linear LoRA factor (embedding/conv LoRA unsupported)")
+            continue
+        module = key.split(".lora_A.")[0].removeprefix("base_model.model.")
+        a, b = tensors[key].float(), tensors[key.replace(".lora_A.", ".lora_B.")].float()
+        r = _pattern_value(module, cfg.get("rank_pattern"), cfg["r"])
+        alpha = _pattern_value(module, cfg.get("alpha_pattern"), cfg["lora_alpha"])
+        scaling = alpha / (r**0.5 if cfg.get("use_rslora") else r)
+        delta = (b @ a) * scaling
+        deltas[f"{module}.weight"] = delta.T if cfg.get("fan_in_fan_out") else delta
+    if not deltas:
+        raise ValueError(f"{weights_file}: no LoRA factors found")
+    return deltas
+
+
+def _lora_deltas_from_model(model: torch.nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    from peft.tuners.lora import LoraLayer
+
+    deltas = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and adapter_name in getattr(module, "lora_A", {}):
+            deltas[f"{name.removeprefix('base_model.model.')}.weight"] = module.get_delta_weight(adapter_name).detach().float()
+    if not deltas:
+        raise ValueError(f"model has no LoRA layers for adapter {adapter_name!r}")
+    return deltas

@@ -1,0 +1,120 @@
+"""`modular train`: a whole recipe on a tiny model, and resume after SIGTERM."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from finetune.recipe import load_recipe
+from finetune.train import run_recipe
+from modular import load_model
+from modular.surgery import injection_records
+from modular.testing import tiny_tokenizer
+
+TEXT = (
+    "A mixture of experts routes each token to a few experts. Null experts cost nothing. "
+    "Layerwise sampling trains a few layers at a time, and merging combines task models. "
+)
+
+
+@pytest.fixture
+def recipe_dir(tmp_path):
+    lines = [{"text": f"{TEXT} Sentence number {i}."} for i in range(40)]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in lines[:32]))
+    (tmp_path / "eval.jsonl").write_text("\n".join(json.dumps(r) for r in lines[32:]))
+    tiny_tokenizer([TEXT]).save_pretrained(tmp_path / "tok")
+    return tmp_path
+
+
+def _recipe(recipe_dir, **overrides):
+    recipe = {
+        "model": {
+            "config": {"model_type": "llama", "vocab_size": 128, "hidden_size": 32, "intermediate_size": 64,
+                       "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+                       "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0},
+            "tokenizer": "tok",
+        },
+        "injections": [{"upcycle": {"num_experts": 4, "top_k": 2, "noise_std": 0.01}},
+                       {"adamoe": {"num_null_experts": 2, "top_k": 3}}],
+        "data": {"train": "train.jsonl", "eval": "eval.jsonl", "max_length": 32},
+        "lisa": {"num_active_layers": 1, "interval_steps": 2},
+        "optimizer": {"name": "adamw", "lr": 1e-3},
+        "training": {"max_steps": 6, "per_device_train_batch_size": 4, "logging_steps": 1, "save_steps": 3},
+        "output_dir": "run",
+    }
+    recipe.update(overrides)
+    path = recipe_dir / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_recipe_runs_inject_lisa_and_saves_a_loadable_model(recipe_dir):
+    final = run_recipe(load_recipe(_recipe(recipe_dir)))
+    metrics = json.loads((recipe_dir / "run" / "metrics.json").read_text())
+    assert [r["kind"] for r in injection_records(load_model(final))] == ["adamoe"]
+    assert len(metrics["lisa_schedule"]["periods"]) == 3  # 6 steps, K=2
+    assert len(metrics["routing_stats"]) == 4 and 0 < metrics["mean_experts_per_token"] <= 3
+    assert torch.isfinite(torch.tensor(metrics["eval_loss"]))
+    assert (recipe_dir / "run" / "loss.png").stat().st_size > 0
+
+
+def test_sigterm_then_rerun_resumes_from_the_last_checkpoint(recipe_dir):
+    path = _recipe(
+        recipe_dir, injections=[], lisa=None,
+        training={"max_steps": 400, "per_device_train_batch_size": 2, "logging_steps": 1, "save_steps": 2},
+    )
+    command = [sys.executable, "-m", "finetune.train", str(path)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run = recipe_dir / "run"
+    deadline = time.time() + 240
+    while not (run / "checkpoint-2").is_dir() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out
+    assert "stopped on request" in out
+    stopped_at = max(int(p.name.split("-")[1]) for p in run.glob("checkpoint-*"))
+    assert 2 <= stopped_at < 400
+    kept = sorted(p.name for p in run.glob("checkpoint-*"))
+
+    path.write_text(path.read_text().replace("max_steps: 400", f"max_steps: {stopped_at + 2}"))
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=300, env=os.environ)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert f"resuming from {run / f'checkpoint-{stopped_at}'}" in rerun.stdout
+    assert set(kept) <= {p.name for p in run.glob("checkpoint-*")}  # nothing written before is lost
+    state = json.loads((run / f"checkpoint-{stopped_at + 2}" / "trainer_state.json").read_text())
+    assert state["global_step"] == stopped_at + 2
+
+
+@pytest.mark.distributed
+def test_whole_stack_under_the_deepspeed_launcher(recipe_dir):
+    """upcycle → AdaMoE → LISA → OneBitAdam, ZeRO-0, two gloo processes started by `deepspeed`."""
+    path = _recipe(
+        recipe_dir,
+        optimizer={"name": "onebit_adam", "lr": 1e-3, "freeze_step": 2},
+        deepspeed="onebit_zero0",
+        training={"max_steps": 4, "per_device_train_batch_size": 2, "logging_steps": 1, "save_steps": 4},
+    )
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    proc = subprocess.run(
+        [launcher, "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "finetune.train", str(path)],
+        capture_output=True, text=True, timeout=600, cwd=recipe_dir,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics = json.loads((recipe_dir / "run" / "metrics.json").read_text())
+    assert metrics["log_history"][-1]["step"] == 4
+    assert [r["kind"] for r in injection_records(load_model(recipe_dir / "run" / "model"))] == ["adamoe"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,198 @@
+"""AdaMerging: entropy, gradient direction, clamping, early stopping, ++ inputs, outputs and the CLI."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from merging import AdaMergingConfig, EntropyTask, TaskVector, adamerge, entropy
+from modular import load_model
+from modular.cli import main
+from modular.testing import tiny_model
+
+from .conftest import perturbed
+
+
+def test_entropy_by_hand():
+    assert torch.isclose(entropy(torch.zeros(3, 4)), torch.log(torch.tensor(4.0)))
+    assert entropy(torch.tensor([[30.0, 0.0]])) < 1e-9
+    per_position = torch.stack([torch.zeros(5), torch.tensor([30.0, 0, 0, 0, 0])])[None]  # (1, 2, 5)
+    assert torch.isclose(entropy(per_position, torch.tensor([[1, 0]])), torch.log(torch.tensor(5.0)))
+    assert entropy(per_position, torch.tensor([[0, 1]])) < 1e-9
+
+
+class Toy(nn.Module):
+    """Two linear maps: logits = W2 (W1 x). HF-style keyword input, output with ``.logits``."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(3, 3, bias=False)
+        self.second = nn.Linear(3, 2, bias=False)
+
+    def forward(self, x):
+        return type("Out", (), {"logits": self.second(self.first(x))})()
+
+
+def _toy_setup(seed=0):
+    torch.manual_seed(seed)
+    model = Toy()
+    tvs = [TaskVector.from_tensors({n: torch.randn(p.shape) for n, p in model.named_parameters()}, label=f"t{k}") for k in range(2)]
+    tasks = [EntropyTask(f"t{k}", [{"x": torch.randn(8, 3)}]) for k in range(2)]
+    return model, tvs, tasks
+
+
+def _toy_loss(model, tvs, tasks, lam):
+    """Σ_k H on θ0 + Σ λ τ written out by hand (lam: (rows, K), rows = 1 or one per tensor)."""
+    w = {}
+    for i, (n, p) in enumerate(model.named_parameters()):
+        row = lam[i if len(lam) > 1 else 0]
+        w[n] = p.detach() + sum(row[k] * tvs[k].get(n) for k in range(len(tvs)))
+    total = 0.0
+    for task in tasks:
+        x = task.batches[0]["x"]
+        total += entropy(x @ w["first.weight"].T @ w["second.weight"].T)
+    return total
+
+
+@pytest.mark.parametrize("granularity,rows", [("task", 1), ("layer", 2)])
+def test_first_adam_step_follows_the_entropy_gradient(granularity, rows):
+    model, tvs, tasks = _toy_setup()
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    result = adamerge(model, tvs, tasks, granularity=granularity, steps=1, lr=0.01, progress=False)
+    lam0 = torch.full((rows, 2), 0.3)
+    grad = torch.zeros_like(lam0)
+    for idx in [(r, k) for r in range(rows) for k in range(2)]:  # central finite differences
+        step = torch.zeros_like(lam0)
+        step[idx] = 1e-3
+        grad[idx] = (_toy_loss(model, tvs, tasks, lam0 + step) - _toy_loss(model, tvs, tasks, lam0 - step)) / 2e-3
+    # Adam's first step is lr · sign(gradient) (bias-corrected m/sqrt(v) = ±1)
+    assert torch.allclose(result.coefficients, lam0 - 0.01 * grad.sign(), atol=1e-6)
+    assert result.rows == (["first.weight", "second.weight"] if rows == 2 else ["all"])
+    assert torch.isclose(torch.tensor(result.entropy[0]), _toy_loss(model, tvs, tasks, lam0), atol=1e-6)
+    assert all(torch.equal(p, before[n]) for n, p in model.state_dict().items())  # θ0 untouched
+
+
+def _sharpening_setup():
+    """τ = θ0 for both tasks: larger λ scales the logits up, so entropy falls as λ grows."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3, bias=False)
+    model.forward = lambda x, _lin=model: type("Out", (), {"logits": torch.nn.functional.linear(x, _lin.weight)})()
+    tvs = [TaskVector.from_tensors({"weight": model.weight.detach().clone()}) for _ in range(2)]
+    tasks = [EntropyTask(str(k), [{"x": torch.randn(16, 4)}]) for k in range(2)]
+    return model, tvs, tasks
+
+
+def test_own_task_gradient_stops_a_task_vector_being_driven_by_other_tasks():
+    """τ_0 slightly flattens task 0's logits but sharpens task 1's a lot: the summed objective
+    raises λ_0 (task 1 gains), the own-task objective lowers it (task 0 loses)."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 4, bias=False)
+    model.forward = lambda x, _lin=model: type("Out", (), {"logits": torch.nn.functional.linear(x, _lin.weight)})()
+    w0 = model.weight.detach()
+    tau0 = torch.cat([-0.1 * w0[:2], 3.0 * w0[2:]])
+    tvs = [TaskVector.from_tensors({"weight": tau0}), TaskVector.from_tensors({"weight": torch.zeros(4, 4)})]
+    x = torch.randn(16, 4)
+    tasks = [EntropyTask("0", [{"x": x}], logits=lambda out, b: out.logits[:, :2]),
+             EntropyTask("1", [{"x": x}], logits=lambda out, b: out.logits[:, 2:])]
+    summed = adamerge(model, tvs, tasks, granularity="task", steps=1, lr=0.01, progress=False)
+    own = adamerge(model, tvs, tasks, granularity="task", steps=1, lr=0.01, own_task_gradient=True, progress=False)
+    assert torch.isclose(summed.coefficients[0, 0], torch.tensor(0.31))
+    assert torch.isclose(own.coefficients[0, 0], torch.tensor(0.29))
+
+
+def test_clamped_coefficients_stay_at_the_bound():
+    model, tvs, tasks = _sharpening_setup()
+    clamped = adamerge(model, tvs, tasks, init=0.95, lr=0.05, steps=20, granularity="task", progress=False)
+    assert torch.equal(clamped.coefficients, torch.ones(1, 2))
+    free = adamerge(model, tvs, tasks, init=0.95, lr=0.05, steps=20, granularity="task", clamp=None, progress=False)
+    assert (free.coefficients > 1.5).all()
+    assert free.entropy[-1] < free.entropy[0]
+
+
+def test_regularisation_toward_init_and_early_stopping():
+    model, tvs, tasks = _sharpening_setup()
+    free = adamerge(model, tvs, tasks, lr=0.05, steps=30, granularity="task", progress=False)
+    pulled = adamerge(model, tvs, tasks, lr=0.05, steps=30, granularity="task", reg_to_init=50.0, progress=False)
+    assert (pulled.coefficients - 0.3).abs().max() < (free.coefficients - 0.3).abs().min() / 3
+    stopped = adamerge(model, tvs, tasks, lr=0.05, steps=30, granularity="task", patience=2, min_delta=0.5, progress=False)
+    assert len(stopped.entropy) == 3  # best at step 0, then 2 steps without a 50 % improvement
+
+
+def test_adamerging_plus_plus_uses_ties_processed_vectors():
+    model, tvs, tasks = _toy_setup()
+    result = adamerge(model, tvs, tasks, steps=2, ties_density=0.2, progress=False)
+    assert [tv.label for tv in result.task_vectors] == ["TIES(t0)", "TIES(t1)"]
+    processed = result.task_vectors[0].get("first.weight")
+    assert (processed != 0).sum() <= max(1, int(0.2 * 9))
+
+
+def test_bad_input():
+    model, tvs, tasks = _toy_setup()
+    with pytest.raises(ValueError, match="adamerging needs unlabelled data"):
+        adamerge(model, tvs, [EntropyTask("t0", []), tasks[1]], progress=False)
+    with pytest.raises(ValueError, match="2 task vectors but 1 tasks"):
+        adamerge(model, tvs, tasks[:1], progress=False)
+    with pytest.raises(KeyError, match="not parameters of the model"):
+        adamerge(model, [TaskVector.from_tensors({"nope": torch.ones(1)})] * 2, tasks, progress=False)
+    with pytest.raises(ValueError, match="granularity: 'block' is not allowed"):
+        AdaMergingConfig(granularity="block")
+
+
+def test_classifier_heads_and_outputs(tmp_path):
+    """(a) one frozen head per task on a shared tiny BERT backbone; JSON + heatmap + merged state."""
+    base = tiny_model("bert")
+    heads = [nn.Linear(32, c) for c in (2, 3)]
+    tvs = [TaskVector.from_models(base, perturbed(tiny_model("bert"), seed=k)) for k in range(2)]
+    ids = torch.randint(3, 128, (4, 10))
+    tasks = [EntropyTask(f"task{k}", [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}],
+                         logits=lambda out, batch, h=heads[k]: h(out.last_hidden_state[:, 0])) for k in range(2)]
+    result = adamerge(base, tvs, tasks, steps=3, lr=0.01, progress=False)
+    assert result.coefficients.shape == (len(list(base.parameters())), 2)
+    data = json.loads(result.save_json(tmp_path / "c.json").read_text())
+    assert data["tasks"] == ["task0", "task1"] and len(data["coefficients"]) == len(data["rows"])
+    assert result.plot(tmp_path / "c.png").stat().st_size > 1000
+    merged = result.merge(base, progress=False)
+    name = "encoder.layer.1.output.dense.weight"
+    lam = result.coefficients[result.rows.index(name)]
+    expected = base.state_dict()[name] + lam[0] * tvs[0].get(name) + lam[1] * tvs[1].get(name)
+    assert torch.allclose(merged[name], expected, atol=1e-6)
+
+
+def _byte_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+
+
+def test_causal_lm_adamerging_from_the_cli(tmp_path):
+    """(b) next-token entropy on unlabelled prompts, through `modular merge`."""
+    tokenizer = _byte_tokenizer()
+    base = tiny_model("llama", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    base.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    models = []
+    for k in range(2):
+        perturbed(tiny_model("llama", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id), seed=k).save_pretrained(tmp_path / f"ft{k}")
+        (tmp_path / f"p{k}.txt").write_text("\n".join(f"prompt {k} number {i}" for i in range(5)))
+        models.append({"model": str(tmp_path / f"ft{k}"), "data": str(tmp_path / f"p{k}.txt")})
+    config = {"merge_method": "adamerging", "base_model": str(tmp_path / "base"), "models": models,
+              "adamerging": {"granularity": "layer", "steps": 3, "batch_size": 2, "max_length": 16}}
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(config))
+    assert main(["merge", str(tmp_path / "m.yaml"), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    out = tmp_path / "out"
+    coeffs = json.loads((out / "adamerging_coefficients.json").read_text())
+    assert len(coeffs["entropy"]) == 3 and (out / "adamerging_coefficients.png").is_file()
+    assert "AdaMerging coefficients" in (out / "README.md").read_text() and (out / "tokenizer.json").is_file()
+    merged, base_sd = load_model(out).state_dict(), load_model(tmp_path / "base").state_dict()
+    fts = [load_model(tmp_path / f"ft{k}").state_dict() for k in range(2)]
+    name = "model.layers.0.self_attn.q_proj.weight"
+    lam = coeffs["coefficients"][coeffs["rows"].index(name)]
+    expected = base_sd[name] + sum(lam[k] * (fts[k][name] - base_sd[name]) for k in range(2))
+    assert torch.allclose(merged[name], expected, atol=1e-6)

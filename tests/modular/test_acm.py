@@ -1,0 +1,233 @@
+"""ACM: prefix sums, gate labels, real skipping, the threshold knob, conversion, save/load, bad input."""
+
+import pytest
+import torch
+from torch import nn
+
+from modular import ACMConfig, acmize, load_model
+from modular.acm import (
+    ACMLayer,
+    budget_loss,
+    choose_learners,
+    compute_penalty,
+    compute_stats,
+    gate_labels,
+    plot_stats,
+    reset_stats,
+    set_threshold,
+)
+from modular.registry import UnknownArchitectureError
+from modular.surgery import InjectionError, injection_records
+
+
+def _hand_layer(gated=False):
+    """d = 2, N = 2 learners of width 1, identity activation, weights set by hand."""
+    layer = ACMLayer(2, 2, 1, nn.Identity(), gated=gated, bias_in=not gated, bias_out=not gated,
+                     gate_hidden_size=4, dense_intermediate_size=2)
+    with torch.no_grad():
+        layer.w_in.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
+        layer.w_out.copy_(torch.tensor([[1.0, 1.0], [3.0, -1.0]]))
+        if gated:
+            layer.w_up.copy_(torch.tensor([[2.0, 0.0], [1.0, 1.0]]))
+        else:
+            layer.b_in.copy_(torch.tensor([0.5, -1.0]))
+            layer.b_out.copy_(torch.tensor([[1.0, 0.0], [0.0, 10.0]]))
+    return layer.eval()
+
+
+def test_prefix_sums_by_hand():
+    layer = _hand_layer()
+    x = torch.tensor([[1.0, 2.0]])
+    # learner 1: h = 1*1 + 0.5 = 1.5 -> 1.5*[1, 1] + [1, 0] = [2.5, 1.5]
+    # learner 2: h = 2*2 - 1 = 3   -> 3*[3, -1] + [0, 10] = [9, 7]
+    expected = torch.tensor([[[0.0, 0.0], [2.5, 1.5], [11.5, 8.5]]])
+    assert torch.allclose(layer.prefix_outputs(x), expected)
+    assert torch.allclose(layer.run_learners(x, 1), expected[:, 1])
+    assert torch.allclose(layer.run_learners(x, 2), expected[:, 2])
+
+
+def test_gated_prefix_sums_by_hand():
+    layer = _hand_layer(gated=True)
+    x = torch.tensor([[1.0, 2.0]])
+    # learner 1: (1) * (2) = 2 -> [2, 2];  learner 2: (4) * (3) = 12 -> [36, -12]
+    assert torch.allclose(layer.prefix_outputs(x), torch.tensor([[[0.0, 0.0], [2.0, 2.0], [38.0, -10.0]]]))
+
+
+def test_gate_labels_follow_the_1_2_rule():
+    errors = torch.tensor([
+        [1.0, 0.5, 0.2, 0.1],   # every learner helps by >= 1.2 -> N = 3
+        [1.0, 0.9, 0.5, 0.1],   # 1.0/0.9 < 1.2 -> 0
+        [1.0, 0.5, 0.45, 0.1],  # 0.5/0.45 < 1.2 -> 1
+        [1.0, 0.5, 0.25, 0.22],  # 0.25/0.22 < 1.2 -> 2
+        [1.0, 0.0, 0.0, 0.0],   # exact after one learner -> 1
+        [1.2, 1.0, 0.5, 0.1],   # ratio exactly 1.2 is not "< 1.2" -> 3
+    ])
+    assert gate_labels(errors, 1.2).tolist() == [3, 0, 1, 2, 1, 3]
+
+
+def test_choose_learners_threshold_is_monotonic():
+    logits = torch.randn(200, 5)
+    counts = [choose_learners(logits, t).sum().item() for t in (0.01, 0.2, 0.4, 0.6, 0.8, 0.99, 1.0)]
+    assert counts == sorted(counts) and counts[0] < counts[-1] == 200 * 4
+    assert torch.equal(choose_learners(logits, None), logits.argmax(-1))
+    # cumulative probs [0.1, 0.3, 0.6, 1.0] for N = 3: threshold 0.25 -> j = 1, 0.6 -> 2
+    probs = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
+    assert choose_learners(probs.log(), 0.25).item() == 1 and choose_learners(probs.log(), 0.55).item() == 2
+
+
+def test_skipped_learners_are_never_computed():
+    torch.manual_seed(0)
+    layer = ACMLayer(8, 4, 4, nn.GELU(), gated=False, bias_in=True, bias_out=True, gate_hidden_size=8,
+                     dense_intermediate_size=16).eval()
+    x = torch.randn(12, 8)
+    choice = torch.tensor([0, 1, 2, 3, 4, 1, 1, 2, 0, 3, 2, 1])
+    expected = layer.prefix_outputs(x)[torch.arange(12), choice]
+    with torch.no_grad():  # poison learner 4: any token that touched it would come out NaN
+        layer.w_in[12:] = float("nan")
+    out = layer.run_chosen(x, choice)
+    assert torch.isfinite(out[choice < 4]).all() and torch.isnan(out[choice == 4]).all()
+    assert torch.allclose(out[choice < 4], expected[choice < 4], atol=1e-6)
+    assert layer.choice_counts.tolist() == [2, 4, 3, 2, 1]
+    # the learner matmuls see exactly sum_j j * count_j learner-rows: count them
+    seen = []
+    layer._hidden = lambda xs, units, f=layer._hidden: (seen.append(xs.shape[0] * units), f(xs, units))[1]
+    layer.run_chosen(x, choice)
+    assert sum(seen) == (4 * 1 + 3 * 2 + 2 * 3 + 1 * 4) * 4
+
+
+def _calib(ids, n=3):
+    return [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}] * n
+
+
+@pytest.mark.parametrize("model_type", ["llama", "bert"])
+def test_dense_init_with_all_learners_is_the_dense_model(model_type, tiny, input_ids):
+    model = tiny(model_type)
+    with torch.no_grad():
+        reference = model(input_ids)[0]
+    acmize(model, ACMConfig(distill_steps=0, gate_steps=1, threshold=1.0), _calib(input_ids), progress=False)
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids)[0], reference, atol=1e-5)
+    assert compute_stats(model)["mean_learners"] == 4
+
+
+@pytest.mark.parametrize("model_type", ["llama", "bert"])
+def test_acmize_trains_and_round_trips_through_load_model(model_type, tiny, input_ids, tmp_path):
+    model = tiny(model_type)
+    config = ACMConfig(num_learners=4, init="random", distill_steps=60, distill_lr=3e-3, gate_steps=40)
+    acmize(model, config, _calib(input_ids), progress=False)
+    for log in model.acm_conversion_log:  # distillation made every prefix better than nothing, refining
+        rel = log["relative_error"]
+        assert rel[0] == pytest.approx(1.0, abs=1e-4) and rel[-1] < rel[1] < 1.0
+    set_threshold(model, 0.5)
+    with torch.no_grad():
+        expected = model(input_ids)[0]
+    model.save_pretrained(tmp_path)
+    loaded = load_model(tmp_path)
+    assert injection_records(loaded)[0]["kind"] == "acm"
+    set_threshold(loaded, 0.5)
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids)[0], expected, atol=1e-5)
+    if model_type == "bert":
+        assert isinstance(loaded.encoder.layer[0].output.dense, nn.Identity)
+
+
+def test_threshold_trades_compute_for_quality_without_retraining(tiny, input_ids):
+    model = tiny("llama")
+    with torch.no_grad():
+        reference = model(input_ids).logits
+    acmize(model, ACMConfig(distill_steps=30, gate_steps=60, label_factor=2.0), _calib(input_ids), progress=False)
+    fractions, errors = [], []
+    for threshold in (0.05, 0.3, 0.6, 0.9, 1.0):
+        set_threshold(model, threshold)
+        reset_stats(model)
+        with torch.no_grad():
+            errors.append((model(input_ids).logits - reference).pow(2).mean().item())
+        fractions.append(compute_stats(model)["mean_learners"])
+    assert fractions == sorted(fractions) and fractions[0] < fractions[-1] == 4
+    assert errors[-1] < errors[0]
+
+
+def test_straight_through_gate_gets_task_gradient_and_budget_loss(tiny, input_ids):
+    model = tiny("llama")
+    config = ACMConfig(distill_steps=0, gate_steps=1, budget_target=0.25)
+    acmize(model, config, _calib(input_ids), progress=False)
+    model.train().requires_grad_(True)
+    outputs = model(input_ids)
+    outputs.logits.pow(2).mean().backward(retain_graph=True)  # a task loss only
+    gate = model.model.layers[0].mlp.gate.net[0].weight
+    assert gate.grad is not None and gate.grad.abs().sum() > 0
+    loss = budget_loss(model, config)(outputs, input_ids)
+    penalty = compute_penalty(model, 0.25)
+    task = model.loss_function(outputs.logits, input_ids, vocab_size=model.config.vocab_size)
+    assert torch.allclose(loss, task + 0.1 * penalty)
+
+
+def test_stats_plot(tiny, input_ids, tmp_path):
+    model = acmize(tiny("bert"), ACMConfig(distill_steps=0, gate_steps=1, threshold=0.5), _calib(input_ids), progress=False)
+    reset_stats(model)
+    with torch.no_grad():
+        model(input_ids)
+    stats = compute_stats(model)
+    assert [sum(layer["histogram"]) for layer in stats["layers"]] == [input_ids.numel()] * 2
+    plot_stats(stats, tmp_path / "stats.png")
+    assert (tmp_path / "stats.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"num_learners": 0}, "num_learners must be a positive int"),
+        ({"init": "zeros"}, "init must be one of dense, random"),
+        ({"label_factor": 1.0}, "label_factor must be > 1"),
+        ({"threshold": 1.5}, r"threshold must be None \(argmax\) or in \(0, 1\]"),
+        ({"distill_steps": -1}, "distill_steps must be an int >= 0"),
+    ],
+)
+def test_bad_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ACMConfig(**kwargs)
+
+
+def test_bad_inputs(tiny, input_ids):
+    with pytest.raises(ValueError, match="num_learners=5 does not divide the FFN intermediate size 64"):
+        acmize(tiny("llama"), ACMConfig(num_learners=5), _calib(input_ids), progress=False)
+    with pytest.raises(ValueError, match="init='dense' slices the dense FFN"):
+        acmize(tiny("llama"), ACMConfig(num_learners=4, learner_width=10), _calib(input_ids), progress=False)
+    with pytest.raises(ValueError, match="calibration_data is empty"):
+        acmize(tiny("llama"), ACMConfig(), [], progress=False)
+    with pytest.raises(ValueError, match="no \\(unmasked\\) tokens"):
+        acmize(tiny("llama"), ACMConfig(), [{"input_ids": input_ids, "attention_mask": torch.zeros_like(input_ids)}], progress=False)
+    with pytest.raises(InjectionError, match="GPT2MLP, which ACM does not know how to convert"):
+        acmize(tiny("gpt2"), ACMConfig(), _calib(input_ids), progress=False)
+    with pytest.raises(InjectionError, match="no dense FFN"):
+        acmize(tiny("mixtral"), ACMConfig(), _calib(input_ids), progress=False)
+    with pytest.raises(InjectionError, match="pattern 'nothing' matches no module"):
+        acmize(tiny("llama"), ACMConfig(target_pattern="nothing"), _calib(input_ids), progress=False)
+    model = tiny("llama")
+    model.config.model_type = "mystery"
+    with pytest.raises(UnknownArchitectureError, match="'mystery' is not in the modular-llm architecture registry"):
+        acmize(model, ACMConfig(), _calib(input_ids), progress=False)
+    with pytest.raises(ValueError, match="no ACM modules"):
+        set_threshold(tiny("llama"), 0.5)
+
+
+def test_load_model_finds_acm_through_the_entry_point(tiny, input_ids, tmp_path):
+    """A fresh process that never imported modular.acm rebuilds the ACMs from the record."""
+    import subprocess
+    import sys
+
+    model = acmize(tiny("llama"), ACMConfig(distill_steps=0, gate_steps=1), _calib(input_ids), progress=False)
+    model.save_pretrained(tmp_path)
+    code = (f"import sys; from modular import load_model; m = load_model({str(tmp_path)!r}); "
+            "assert 'modular.acm' in sys.modules; print(type(m.model.layers[1].mlp).__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "ACMLayer", out.stderr
+
+
+def test_example_runs_on_a_tiny_model(tmp_path):
+    import runpy
+    from pathlib import Path
+
+    example = runpy.run_path(str(Path(__file__).parents[2] / "examples" / "acmize_minilm.py"))
+    stats = example["main"](["--tiny", "--out", str(tmp_path)])
+    assert 0 < stats["mean_learners"] <= 4 and (tmp_path / "acm_compute.png").is_file()
