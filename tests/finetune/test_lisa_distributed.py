@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,15 +10,12 @@ import pytest
 
 from finetune.lisa import sample_active_layers
 
+from ..conftest import free_port
+
 SCRIPT = Path(__file__).parent / "scripts" / "lisa_ds_train.py"
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.distributed
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _launch(launcher: list[str], config: str, out: Path) -> list[dict]:
@@ -32,7 +28,7 @@ def _launch(launcher: list[str], config: str, out: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    launcher = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port())]
+    launcher = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
     return _launch(launcher, "zero2", tmp_path_factory.mktemp("lisa_ds"))
 
 
@@ -63,7 +59,7 @@ def test_ranks_see_different_batches(ranks):
 
 
 def test_ddp_under_torchrun_trains_active_layers_only(tmp_path):
-    launcher = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port())]
+    launcher = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())]
     docs = _launch(launcher, "ddp", tmp_path)
     expected = _expected_schedule()
     for doc in docs:

@@ -7,7 +7,6 @@ Each test starts its launcher (torchrun / ``deepspeed --num_gpus 2``) on a free 
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,15 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from ..conftest import free_port
+
 SCRIPTS = Path(__file__).parent / "scripts"
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.distributed
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _launch(launcher: list[str], script: str, tmp_path: Path, timeout: int = 150) -> dict:
@@ -37,7 +33,7 @@ def _launch(launcher: list[str], script: str, tmp_path: Path, timeout: int = 150
 
 
 def _torchrun(script: str, tmp_path: Path) -> dict:
-    return _launch([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port())], script, tmp_path)
+    return _launch([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())], script, tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +82,7 @@ def test_resume_continues_bit_for_bit(checks):
 
 @pytest.mark.skipif(shutil.which("deepspeed", path=str(BIN)) is None, reason="deepspeed not installed")
 def test_deepspeed_zero0_client_optimizer(tmp_path):
-    out = _launch([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port())], "onebit_deepspeed_train.py", tmp_path)
+    out = _launch([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())], "onebit_deepspeed_train.py", tmp_path)
     assert out["optimizer_class"] == "OneBitAdam" and out["zero_stage"] == 0
     assert all(out["local_grads"]), "DeepSpeed's gradient all-reduce must be off"
     assert all(out["identical"])
@@ -107,7 +103,7 @@ def test_example_runs_and_saves_per_rank_state(tmp_path):
     example = Path(__file__).parents[2] / "examples" / "onebit_adam_deepspeed.py"
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()), str(example),
+        [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), str(example),
          "--steps", "4", "--freeze-step", "2", "--out", str(tmp_path)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=150,
     )

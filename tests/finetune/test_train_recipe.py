@@ -17,6 +17,8 @@ from modular import load_model
 from modular.surgery import injection_records
 from modular.testing import tiny_tokenizer
 
+from ..conftest import free_port
+
 TEXT = (
     "A mixture of experts routes each token to a few experts. Null experts cost nothing. "
     "Layerwise sampling trains a few layers at a time, and merging combines task models. "
@@ -103,7 +105,7 @@ def test_whole_stack_under_the_deepspeed_launcher(recipe_dir):
     )
     launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     proc = subprocess.run(
-        [launcher, "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "finetune.train", str(path)],
+        [launcher, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "finetune.train", str(path)],
         capture_output=True, text=True, timeout=600, cwd=recipe_dir,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -111,10 +113,3 @@ def test_whole_stack_under_the_deepspeed_launcher(recipe_dir):
     assert metrics["log_history"][-1]["step"] == 4
     assert [r["kind"] for r in injection_records(load_model(recipe_dir / "run" / "model"))] == ["adamoe"]
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
