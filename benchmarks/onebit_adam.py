@@ -1,8 +1,8 @@
 """1-bit Adam vs AdamW: bytes on the wire and convergence, 2 gloo processes on CPU.
 
-A small llama (byte-level vocabulary) is trained from scratch on real English text — the docstrings
-of the Python standard library of the running interpreter, read with ``ast`` (no network, the same
-text on every machine with the same Python) — twice, with the same seeds, data and steps:
+A small llama (byte-level vocabulary) is trained on real English text — paragraphs of the GCIDE
+dictionary (Debian package ``dict-gcide``, read by :mod:`modular.corpora`; no network) — twice, from the
+same pretrained base, with the same seeds, data, steps and lr schedule:
 
 * **AdamW**: gradients averaged by an fp32 all-reduce (what DDP does), then ``torch.optim.AdamW``;
 * **OneBitAdam**: ``freeze_step`` = 15 % of the steps of fp32 warm-up, then 1-bit momentum.
@@ -16,13 +16,12 @@ and one JSON line with ``fp32_bytes_per_step``, ``compressed_bytes_per_step``, `
 """
 
 import argparse
-import ast
 import json
 import math
 import os
+import random
 import socket
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -30,29 +29,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from modular.corpora import gcide_paragraphs
+
 OUT = Path(__file__).parent / "out" / "onebit_adam"
 
 
-def stdlib_docstrings(max_bytes: int) -> bytes:
-    """Module, class and function docstrings of the stdlib, in sorted file order, up to max_bytes."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    chunks, size = [], 0
-    for path in sorted(root.glob("*.py")) + sorted(root.glob("*/*.py")):
-        if path.parent.name in ("test", "tests", "idlelib") or path.name.startswith("test"):
-            continue
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node)
-                if doc and len(doc) > 80:
-                    chunks.append(doc.encode("utf-8") + b"\n\n")
-                    size += len(chunks[-1])
-        if size >= max_bytes:
-            break
-    return b"".join(chunks)[:max_bytes]
+def gcide_text(max_bytes: int, seed: int) -> bytes:
+    """GCIDE dictionary paragraphs (definitions, quotations) in a seeded random order, UTF-8, up to max_bytes."""
+    paragraphs = gcide_paragraphs()
+    random.Random(seed).shuffle(paragraphs)  # file order is alphabetical: shuffle so every split sees all letters
+    return "\n".join(paragraphs).encode("utf-8")[:max_bytes]
 
 
 def build_model(seed: int):
@@ -135,13 +121,13 @@ def worker(rank: int, world: int, port: int, args, result_path: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    text = torch.frombuffer(bytearray(stdlib_docstrings(args.text_bytes)), dtype=torch.uint8).long()
+    text = torch.frombuffer(bytearray(gcide_text(args.text_bytes, args.seed)), dtype=torch.uint8).long()
     # [pretraining text | fine-tuning text | held-out eval text]
     pre_end, eval_start = int(args.pretrain_fraction * text.numel()), int(0.95 * text.numel())
     pre_data, train_data, eval_data = text[:pre_end], text[pre_end:eval_start], text[eval_start:]
     eval_batches = [batch(eval_data, args.seq_len, 16, seed=10**6 + i) for i in range(args.eval_batches)]
     if rank == 0:
-        print(f"text: {text.numel()} bytes of stdlib docstrings; {sum(p.numel() for p in build_model(0).parameters())} params",
+        print(f"text: {text.numel()} bytes of GCIDE paragraphs; {sum(p.numel() for p in build_model(0).parameters())} params",
               flush=True)
     base = pretrain(args, pre_data)
     if rank == 0:
@@ -171,7 +157,7 @@ def plot(results: dict, freeze_step: int, path: Path) -> None:
         ax.plot(steps, eval_loss, style, label=f"{method} eval")
         ax.plot(steps, train_loss, style, alpha=0.35, label=f"{method} train")
     ax.axvline(freeze_step, color="grey", lw=0.8, label="freeze_step")
-    ax.set(xlabel="step", ylabel="loss (nats/byte)", title="AdamW vs 1-bit Adam, 2 gloo ranks, stdlib docstrings")
+    ax.set(xlabel="step", ylabel="loss (nats/byte)", title="AdamW vs 1-bit Adam, 2 gloo ranks, GCIDE text")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -200,10 +186,10 @@ def main(argv=None) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    result_path = str(OUT / "results.pt")
+    result_path, plot_path = str(OUT / f"results_lr{args.lr:g}.pt"), OUT / f"loss_curves_lr{args.lr:g}.png"
     mp.spawn(worker, args=(2, port, args, result_path), nprocs=2)
     results = torch.load(result_path)
-    plot(results, args.freeze_step, OUT / "loss_curves.png")
+    plot(results, args.freeze_step, plot_path)
     adamw, onebit = results["adamw"], results["onebit"]
     compressed_steps = onebit["bytes_per_step"][args.freeze_step:]
     summary = {
@@ -219,7 +205,7 @@ def main(argv=None) -> dict:
         "ranks_identical": adamw["ranks_identical"] and onebit["ranks_identical"],
         "steps": args.steps, "freeze_step": args.freeze_step, "pretrain_steps": args.pretrain_steps, "world_size": 2,
         "adamw_seconds": round(adamw["seconds"], 1), "onebit_seconds": round(onebit["seconds"], 1),
-        "plot": str(OUT / "loss_curves.png"),
+        "lr": args.lr, "plot": str(plot_path),
     }
     print(json.dumps(summary))
     return summary

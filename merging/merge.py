@@ -127,7 +127,7 @@ def merge(
         _write_config(tmp, source, dtype)
         tok = tokenizer_source or (source.path if isinstance(source, CheckpointSource) else None)
         if tok is not None:
-            _copy_tokenizer(Path(tok), tmp)
+            copy_tokenizer(Path(tok), tmp)
         write_model_card(tmp, method=method, params={**params, "seed": seed} if takes_seed else params,
                          task_vectors=[tv.label for tv in task_vectors], weights=None if callable(weights) else weights,
                          extra=card)
@@ -160,7 +160,7 @@ def _write_config(folder: Path, source, dtype: str | None) -> None:
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
-def _copy_tokenizer(source: Path, folder: Path) -> None:
+def copy_tokenizer(source: Path, folder: Path) -> None:
     if not source.is_dir():
         raise FileNotFoundError(f"tokenizer source {str(source)!r} is not a folder")
     for name in TOKENIZER_FILES:

@@ -154,13 +154,16 @@ class ACMLayer(nn.Module):
             h = h * F.linear(x, self.w_up[:units], None if self.b_up is None else self.b_up[:units])
         return h
 
-    def run_learners(self, x: torch.Tensor, j: int) -> torch.Tensor:
-        """Output of the first ``j`` learners (j >= 1) for tokens x (T, d): one slice per projection."""
+    def run_learners(self, x: torch.Tensor, j: int, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Output of the first ``j`` learners (j >= 1) for tokens x (T, d): one slice per projection.
+
+        ``out``: optional (T, d) contiguous buffer the result is written into (no extra copy).
+        """
         units = j * self.learner_width
         h = self._hidden(x, units)
         if self.b_out is None:
-            return h @ self.w_out[:units]
-        return torch.addmm(self.b_out[:j].sum(0), h, self.w_out[:units])
+            return torch.mm(h, self.w_out[:units], out=out)
+        return torch.addmm(self.b_out[:j].sum(0), h, self.w_out[:units], out=out)
 
     def prefix_outputs(self, x: torch.Tensor) -> torch.Tensor:
         """All prefix sums at once: (T, d) -> (T, N + 1, d); entry j is the output with j learners."""
@@ -189,14 +192,28 @@ class ACMLayer(nn.Module):
         return torch.einsum("tj,tjd->td", straight_through, self.prefix_outputs(x))
 
     def run_chosen(self, x: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
-        """Run ``choice[t]`` learners for token t (T, d), grouped by choice; j = 0 tokens cost nothing."""
+        """Run ``choice[t]`` learners for token t (T, d), grouped by choice; j = 0 tokens cost nothing.
+
+        One sort, one gather of the tokens that run >= 1 learner, then per group j one matmul per
+        projection whose result is written straight into its rows of a sorted output buffer (no
+        concatenation), and one scatter back into token order.
+        """
         counts = torch.bincount(choice, minlength=self.num_learners + 1)
         self.choice_counts += counts
-        out = x.new_zeros(x.shape[0], self.hidden_size)
         sizes = counts.tolist()
+        out = x.new_zeros(x.shape[0], self.hidden_size) if sizes[0] else x.new_empty(x.shape[0], self.hidden_size)
         if sizes[0] == len(choice):
             return out
         order = torch.argsort(choice, stable=True)[sizes[0]:]  # tokens that run >= 1 learner, by j
-        grouped = x.index_select(0, order).split(sizes[1:])
-        outputs = [self.run_learners(xs, j) for j, xs in enumerate(grouped, start=1) if xs.shape[0]]
-        return out.index_copy_(0, order, torch.cat(outputs))
+        xs = x.index_select(0, order)
+        ys = torch.empty_like(xs)
+        start = 0
+        for j, size in enumerate(sizes[1:], start=1):
+            if size:
+                rows = ys[start:start + size]
+                if torch.is_grad_enabled():  # out= does not support autograd: copy into the rows instead
+                    rows.copy_(self.run_learners(xs[start:start + size], j))
+                else:
+                    self.run_learners(xs[start:start + size], j, out=rows)
+                start += size
+        return out.index_copy_(0, order, ys)

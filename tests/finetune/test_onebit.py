@@ -111,3 +111,16 @@ def test_coordinates_without_warmup_gradient_stay_still():
         opt.step()
     assert opt.state[emb.weight]["frozen_denom"][8:].isinf().all()
     assert torch.equal(emb.weight[8:], unseen) and torch.isfinite(emb.weight).all()
+
+
+def test_block_scale_is_mean_abs_and_error_never_exceeds_input():
+    from finetune import Communicator
+
+    comm = Communicator(block_size=8)  # a world of one: worker and server compression, no communication
+    x = torch.tensor([8.0, -0.5, 0.5, -0.5, 0.5, 0.25, -0.25, 0.5])  # heavy-tailed: one large entry
+    worker_error, server_error = torch.zeros(8), torch.zeros(8)
+    out = comm.compressed_all_reduce(x.clone(), worker_error, server_error)
+    # scale = ‖x‖₁ / 8 = 11 / 8; the RMS scale ‖x‖₂/√8 ≈ 2.86 would make ‖x − C(x)‖ ≈ 8.24 > ‖x‖ ≈ 8.09
+    torch.testing.assert_close(out, torch.sign(x) * 11 / 8)
+    torch.testing.assert_close(worker_error, x - out)
+    assert worker_error.norm() ** 2 <= x.norm() ** 2 - 11**2 / 8 + 1e-4  # ‖x‖² − ‖x‖₁²/d

@@ -55,6 +55,7 @@ def test_valid_recipe_resolves_paths_relative_to_the_file(recipe_dir):
         ({"bogus": 1}, r"unknown key\(s\) bogus"),
         ({"data": {"train": "missing.jsonl"}}, "data.train: file .*missing.jsonl.* does not exist"),
         ({"data": {"train": "train.parquet"}}, "expected one of .jsonl"),
+        ({"data": {"train": "train.jsonl", "prompt_field": "q"}}, "give both `prompt_field` and `completion_field`"),
         ({"model": {"path": "nowhere"}}, "model.path: folder .*nowhere.* does not exist"),
         ({"model": {"config": {"hidden_size": 3}, "tokenizer": "tok"}}, "needs a `model_type`"),
         ({"optimizer": {"name": "sgd"}}, r"optimizer.name: 'sgd' is not allowed; expected one of 'adamw', 'onebit_adam'"),

@@ -113,3 +113,21 @@ def test_whole_stack_under_the_deepspeed_launcher(recipe_dir):
     assert metrics["log_history"][-1]["step"] == 4
     assert [r["kind"] for r in injection_records(load_model(recipe_dir / "run" / "model"))] == ["adamoe"]
 
+
+
+def test_prompt_completion_rows_learn_the_completion_only(recipe_dir):
+    from finetune.train import _prompt_completion_rows
+    from modular.testing import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer([TEXT])
+    data = load_recipe(_recipe(recipe_dir, data={"train": "train.jsonl", "prompt_field": "q", "completion_field": "a", "max_length": 12})).data
+    rows = _prompt_completion_rows({"q": ["experts route", "a b c d e f g h i j k l m n"], "a": [" tokens", " x"]}, data, tokenizer)
+    prompt = tokenizer("experts route", add_special_tokens=False)["input_ids"]
+    answer = tokenizer(" tokens", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert rows["input_ids"][0] == prompt + answer
+    assert rows["labels"][0] == [-100] * len(prompt) + answer
+    # too long: the prompt loses its beginning, the completion (+ eos) is kept whole
+    long_prompt = tokenizer("a b c d e f g h i j k l m n", add_special_tokens=False)["input_ids"]
+    x = tokenizer(" x", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert rows["input_ids"][1] == long_prompt[-(12 - len(x)):] + x and len(rows["input_ids"][1]) == 12
+    assert rows["labels"][1] == [-100] * (12 - len(x)) + x

@@ -196,3 +196,18 @@ def test_causal_lm_adamerging_from_the_cli(tmp_path):
     lam = coeffs["coefficients"][coeffs["rows"].index(name)]
     expected = base_sd[name] + sum(lam[k] * (fts[k][name] - base_sd[name]) for k in range(2))
     assert torch.allclose(merged[name], expected, atol=1e-6)
+
+
+def test_callback_snapshots_and_per_task_entropy():
+    """The callback sees the coefficients each step evaluated (not the updated ones, also with
+    clamp=None where λ is the optimised tensor itself); per-task entropies sum to the total."""
+    model, tvs, tasks = _toy_setup()
+    seen = []
+    result = adamerge(model, tvs, tasks, granularity="task", steps=3, lr=0.01, clamp=None, progress=False,
+                      callback=lambda step, snap: seen.append((step, snap.coefficients.clone(), snap.entropy[-1])))
+    assert [s for s, _, _ in seen] == [0, 1, 2]
+    assert torch.equal(seen[0][1], torch.full((1, 2), 0.3))
+    for (_, lam, total), per_task in zip(seen, result.task_entropy):
+        assert torch.isclose(torch.tensor(total), _toy_loss(model, tvs, tasks, lam), atol=1e-6)
+        assert abs(sum(per_task) - total) < 1e-5 and len(per_task) == 2
+    assert not torch.equal(seen[-1][1], result.coefficients)  # the final λ is one step further

@@ -88,6 +88,10 @@ def test_skipped_learners_are_never_computed():
     assert torch.isfinite(out[choice < 4]).all() and torch.isnan(out[choice == 4]).all()
     assert torch.allclose(out[choice < 4], expected[choice < 4], atol=1e-6)
     assert layer.choice_counts.tolist() == [2, 4, 3, 2, 1]
+    with torch.no_grad():  # inference path: groups are written straight into the output buffer
+        fast = layer.run_chosen(x, choice)
+    assert torch.equal(torch.isnan(fast), torch.isnan(out)) and torch.allclose(fast[choice < 4], expected[choice < 4], atol=1e-6)
+    assert (fast[choice == 0] == 0).all()
     # the learner matmuls see exactly sum_j j * count_j learner-rows: count them
     seen = []
     layer._hidden = lambda xs, units, f=layer._hidden: (seen.append(xs.shape[0] * units), f(xs, units))[1]

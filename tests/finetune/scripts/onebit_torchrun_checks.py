@@ -37,7 +37,7 @@ def make_model(seed: int = 0) -> torch.nn.Module:
 
 def check_comm_convergence(rank: int) -> dict:
     """Same inputs every round: the running mean of the compressed averages approaches the true mean."""
-    n, rounds = 1000, 60  # 1000 is not a multiple of world * block: exercises padding
+    n, rounds = 1000, 120  # 1000 is not a multiple of world * block: exercises padding
     x = torch.randn(n, generator=torch.Generator().manual_seed(rank))
     true_mean = x.clone()
     dist.all_reduce(true_mean)
@@ -48,11 +48,14 @@ def check_comm_convergence(rank: int) -> dict:
         padded, _ = comm.padded_length(n)
         werr, serr = torch.zeros(padded), torch.zeros(padded)
         total = torch.zeros(padded)
-        for _ in range(rounds):
+        for i in range(rounds):
             if not feedback:
                 werr.zero_(), serr.zero_()
             out = comm.compressed_all_reduce(torch.cat([x, x.new_zeros(padded - n)]), werr, serr)
             total += out
+            if i + 1 == rounds // 2:
+                half = total[:n] / (i + 1)
+                result[f"{name}_half"] = ((half - true_mean).norm() / true_mean.norm()).item()
         running = total[:n] / rounds
         result[name] = ((running - true_mean).norm() / true_mean.norm()).item()
         result[f"{name}_single_round"] = ((out[:n] - true_mean).norm() / true_mean.norm()).item()

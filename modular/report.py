@@ -1,0 +1,238 @@
+"""``modular report PATH...``: one self-contained HTML page (PNG plots inlined) for runs and merges.
+
+Each PATH is searched (recursively) for what the other commands write:
+
+* ``metrics.json`` of a ``modular train`` run: loss curves, AdaMoE routing per layer, and the
+  LISA schedule (``lisa_schedule`` inside it);
+* ``adamerging_coefficients.json`` of an AdaMerging merge: λ per layer × task, entropy curve;
+* ``evaluation.json`` (written by ``modular demo``): accuracy of each model on each task and
+  its mean true experts per token.
+
+Every number on the page is read from those files; nothing is recomputed or typed in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["ReportInputs", "add_parser", "collect", "write_report"]
+
+
+@dataclass
+class ReportInputs:
+    runs: dict[str, dict] = field(default_factory=dict)  # run name -> metrics.json
+    merges: dict[str, dict] = field(default_factory=dict)  # merge name -> adamerging_coefficients.json
+    evaluations: list[dict] = field(default_factory=list)
+
+    def empty(self) -> bool:
+        return not (self.runs or self.merges or self.evaluations)
+
+
+def _name(file: Path, root: Path) -> str:
+    """The run's folder relative to the searched path (``runs/pos``), or the folder's own name."""
+    if root.is_file() or file.parent == root:
+        return file.parent.name
+    return str(file.parent.relative_to(root))
+
+
+def collect(paths: list[str | Path]) -> ReportInputs:
+    """Find the report's inputs under ``paths``; a path with none of them is an error."""
+    found = ReportInputs()
+    for root in map(Path, paths):
+        if not root.exists():
+            raise FileNotFoundError(f"{root}: no such file or folder")
+        root = root.resolve()
+        files = [root] if root.is_file() else sorted(root.rglob("*.json"))
+        before = (len(found.runs), len(found.merges), len(found.evaluations))
+        for file in files:
+            kind = {"metrics.json": "run", "adamerging_coefficients.json": "merge", "evaluation.json": "evaluation"}.get(file.name)
+            if kind is None or "checkpoint-" in str(file):
+                continue
+            try:
+                doc = json.loads(file.read_text())
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{file}: not valid JSON ({err})") from None
+            if kind == "run":
+                found.runs[_name(file, root)] = doc
+            elif kind == "merge":
+                found.merges[_name(file, root)] = doc
+            else:
+                found.evaluations.append(doc)
+        if (len(found.runs), len(found.merges), len(found.evaluations)) == before:
+            raise ValueError(f"{root}: no metrics.json (training run), adamerging_coefficients.json (merge) or evaluation.json found")
+    return found
+
+
+# ----------------------------------------------------------------------------- plots
+def _figure(width: float, height: float, cols: int = 1):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, cols, figsize=(width, height), squeeze=False)
+    return plt, fig, axes[0]
+
+
+def _png(plt, fig) -> str:
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def plot_losses(runs: dict[str, dict]) -> str:
+    with_history = {n: m["log_history"] for n, m in runs.items() if m.get("log_history")}
+    plt, fig, axes = _figure(4.2 * len(with_history), 3.2, len(with_history))
+    for ax, (name, history) in zip(axes, with_history.items()):
+        for key, style in (("loss", "-"), ("eval_loss", "o")):
+            points = [(h["step"], h[key]) for h in history if key in h]
+            if points:
+                ax.plot(*zip(*points), style, label=key)
+        ax.set(title=name, xlabel="step", ylabel="loss")
+        ax.legend()
+    return _png(plt, fig)
+
+
+def plot_routing(runs: dict[str, dict], base_top_k: int | None) -> str:
+    routed = {n: m["routing_stats"] for n, m in runs.items() if m.get("routing_stats")}
+    plt, fig, axes = _figure(7, 3.2)
+    ax = axes[0]
+    width = 0.8 / len(routed)
+    for i, (name, stats) in enumerate(routed.items()):
+        ax.bar([layer + i * width for layer in range(len(stats))], [s["experts_per_token"] for s in stats], width, label=name)
+    if base_top_k:
+        ax.axhline(base_top_k, color="k", linestyle="--", linewidth=1, label=f"base top-{base_top_k}")
+    ax.set(xlabel="layer", ylabel="true experts per token", title="AdaMoE routing after fine-tuning")
+    ax.legend(fontsize=8)
+    return _png(plt, fig)
+
+
+def plot_lisa(runs: dict[str, dict]) -> str:
+    schedules = {n: m["lisa_schedule"] for n, m in runs.items() if m.get("lisa_schedule")}
+    plt, fig, axes = _figure(4.2 * len(schedules), 2.8, len(schedules))
+    for ax, (name, doc) in zip(axes, schedules.items()):
+        periods = [p["layers"] for p in doc["periods"]]
+        grid = [[1 if layer in active else 0 for active in periods] for layer in range(doc["num_layers"])]
+        ax.imshow(grid, aspect="auto", cmap="Greens", vmin=0, vmax=1, origin="lower")
+        ax.set(title=f"{name}: γ={doc['num_active_layers']}, K={doc['interval_steps']}", xlabel=f"period ({doc['interval_steps']} steps)", ylabel="layer")
+    return _png(plt, fig)
+
+
+def _layer_of(tensor: str) -> str:
+    match = re.search(r"layers\.(\d+)\.", tensor)
+    return f"layer {int(match.group(1)):02d}" if match else ("embeddings" if "embed" in tensor else "head / norm")
+
+
+def plot_coefficients(doc: dict) -> str:
+    """λ averaged over each layer's tensors (rows) per task, and the entropy curve."""
+    rows: dict[str, list[list[float]]] = {}
+    for tensor, values in zip(doc["rows"], doc["coefficients"]):
+        rows.setdefault(_layer_of(tensor) if doc["granularity"] == "layer" else "all", []).append(values)
+    labels = sorted(rows)
+    means = [[sum(col) / len(col) for col in zip(*rows[label])] for label in labels]
+    plt, fig, (ax, ax2) = _figure(10, max(3.0, 0.35 * len(labels) + 1.5), 2)
+    image = ax.imshow(means, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    ax.set_xticks(range(len(doc["tasks"])), doc["tasks"])
+    ax.set_yticks(range(len(labels)), labels)
+    for r, values in enumerate(means):
+        for c, value in enumerate(values):
+            ax.text(c, r, f"{value:.2f}", ha="center", va="center", color="w" if value < 0.6 else "k", fontsize=8)
+    ax.set_title(f"AdaMerging λ ({doc['granularity']}-wise, mean per layer)")
+    fig.colorbar(image, ax=ax)
+    ax2.plot(doc["entropy"])
+    ax2.set(xlabel="step", ylabel="Σ entropy (nats)", title="entropy on unlabelled inputs")
+    return _png(plt, fig)
+
+
+def plot_accuracy(evaluation: dict) -> str:
+    models, tasks = list(evaluation["models"]), evaluation["tasks"]
+    plt, fig, axes = _figure(max(6.0, 1.3 * len(models)), 3.4)
+    ax = axes[0]
+    width = 0.8 / (len(tasks) + 1)
+    for i, key in enumerate([*tasks, "average"]):
+        values = [row["average"] if key == "average" else row["accuracy"][key] for row in evaluation["models"].values()]
+        ax.bar([m + i * width for m in range(len(models))], values, width, label=key)
+    ax.set_xticks([m + 0.4 - width / 2 for m in range(len(models))], [m.replace(": ", ":\n") for m in models], fontsize=8)
+    ax.set(ylabel="accuracy", ylim=(0, 1), title="accuracy of every model on every task")
+    ax.legend(fontsize=8)
+    return _png(plt, fig)
+
+
+# ----------------------------------------------------------------------------- html
+_STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}
+th:first-child,td:first-child{text-align:left}img{max-width:100%}h2{border-bottom:1px solid #ddd;margin-top:2em}
+.best{font-weight:bold}.note{color:#555;font-size:90%}"""
+
+
+def _img(png: str, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{png}">'
+
+
+def _evaluation_section(evaluation: dict) -> list[str]:
+    tasks = evaluation["tasks"]
+    best = max(row["average"] for row in evaluation["models"].values())
+    head = "<tr><th>model</th>" + "".join(f"<th>{html.escape(t)}</th>" for t in tasks) + "<th>average</th><th>true experts / token</th></tr>"
+    body = [
+        f"<tr><td>{html.escape(label)}</td>" + "".join(f"<td>{row['accuracy'][t]:.3f}</td>" for t in tasks)
+        + f"<td class=\"{'best' if row['average'] == best else ''}\">{row['average']:.3f}</td><td>{row['mean_experts_per_token']:.2f}</td></tr>"
+        for label, row in evaluation["models"].items()
+    ]
+    note = f"Base MoE routes every token to top-{evaluation['base_top_k']} experts." if evaluation.get("base_top_k") else ""
+    return ["<h2>Accuracy per task</h2>", f"<table>{head}{''.join(body)}</table>", f'<p class="note">{note}</p>',
+            _img(plot_accuracy(evaluation), "accuracy per task")]
+
+
+def render(found: ReportInputs, title: str = "modular-llm report") -> str:
+    top_k = next((e.get("base_top_k") for e in found.evaluations if e.get("base_top_k")), None)
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>",
+             f"<h1>{html.escape(title)}</h1>"]
+    for evaluation in found.evaluations:
+        parts += _evaluation_section(evaluation)
+    if any(m.get("log_history") for m in found.runs.values()):
+        parts += ["<h2>Training loss</h2>", _img(plot_losses(found.runs), "loss curves")]
+    if any(m.get("routing_stats") for m in found.runs.values()):
+        means = "".join(f"<li>{html.escape(n)}: {m['mean_experts_per_token']:.2f} true experts per token</li>"
+                        for n, m in found.runs.items() if "mean_experts_per_token" in m)
+        parts += ["<h2>AdaMoE routing per layer</h2>", f"<ul>{means}</ul>", _img(plot_routing(found.runs, top_k), "routing per layer")]
+    if any(m.get("lisa_schedule") for m in found.runs.values()):
+        parts += ["<h2>LISA schedule (active layers per period)</h2>", _img(plot_lisa(found.runs), "LISA schedule")]
+    for name, doc in found.merges.items():
+        parts += [f"<h2>AdaMerging coefficients: {html.escape(name)}</h2>", _img(plot_coefficients(doc), "AdaMerging coefficients")]
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(paths: list[str | Path], out: str | Path, *, force: bool = True) -> Path:
+    """Render the report of ``paths`` into ``out`` (written to a temporary file, then renamed)."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} exists; pass --force to replace it")
+    page = render(collect(paths))
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(page)
+    tmp.replace(out)
+    return out
+
+
+def _run(args: argparse.Namespace) -> int:
+    out = write_report(args.paths, args.out, force=args.force)
+    print(f"report written to {out}")
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("report", help="render an HTML report (plots inlined) of training runs, merges and evaluations")
+    parser.add_argument("paths", nargs="+", metavar="RUN_DIR", help="folders with metrics.json / adamerging_coefficients.json / evaluation.json")
+    parser.add_argument("--out", default="report.html", help="the HTML file to write (default: report.html)")
+    parser.add_argument("--force", action="store_true", help="replace an existing report")
+    parser.set_defaults(func=_run)

@@ -1,0 +1,95 @@
+"""Real text-classification tasks derived from GCIDE dictionary entries (offline, reproducible).
+
+Each task maps a dictionary definition to a class word:
+
+* ``pos``: the headword's part of speech (noun / verb / adjective / adverb), from its first
+  definition with the headword removed;
+* ``domain``: the entry's subject label (zoology / botany / chemistry / medicine / law), from
+  the definition with the label itself removed;
+* ``etymology``: the headword's source language (latin / french / greek / anglo-saxon), from
+  "headword: definition".
+
+Classes are balanced and the split is seeded, so every run sees the same examples.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+from .corpora import gcide_entries
+
+__all__ = ["TASK_NAMES", "TextTask", "gcide_tasks"]
+
+_HEADER = re.compile(r"^(?P<word>[^\\\n]+?) \\[^\\]*\\(?: \([^)]*\))?,? (?P<pos>n\.|v\. t\.|v\. i\.|a\.|adv\.)")
+_POS = {"n.": "noun", "v. t.": "verb", "v. i.": "verb", "a.": "adjective", "adv.": "adverb"}
+_DOMAINS = {"Zool": "zoology", "Bot": "botany", "Chem": "chemistry", "Med": "medicine", "Law": "law"}
+_DOMAIN_MARK = re.compile(r"\((" + "|".join(_DOMAINS) + r")\.?\)")
+_ORIGINS = {"L": "latin", "F": "french", "Gr": "greek", "AS": "anglo-saxon"}
+_ORIGIN_MARK = re.compile(r"\[(L|F|Gr|AS)\.")
+TASK_NAMES = ("pos", "domain", "etymology")
+
+
+@dataclass
+class TextTask:
+    """``train``/``test``: lists of (text, class index); ``classes``: the class words."""
+
+    name: str
+    classes: list[str]
+    train: list[tuple[str, int]]
+    test: list[tuple[str, int]]
+
+
+def _first_definition(entry: str, header_end: int) -> str:
+    """First sense of an entry: etymology/usage brackets, quotation authors and markup removed."""
+    body = re.sub(r"\[[^\]\[\s]{1,5}\]", "", entry[header_end:])  # character markup such as [=i]
+    body = re.split(r"\[(?:1913 Webster|WordNet|PJC)", body)[0]
+    body = re.sub(r"\[[^\]]*\]?", " ", body)  # etymology and usage brackets (may span lines)
+    body = re.sub(r"--[A-Z][\w.]*", " ", body)  # quotation authors
+    body = re.sub(r"[{}]", "", body)
+    body = re.sub(r"^[\s;,.]*(?:1\.\s*)?", "", body)
+    return re.sub(r"\s+", " ", body).strip()
+
+
+def _class_pools() -> dict[str, dict[str, list[str]]]:
+    pools: dict[str, dict[str, list[str]]] = {name: {} for name in TASK_NAMES}
+    for entry in gcide_entries():
+        header = _HEADER.match(entry)
+        if not header:
+            continue
+        definition = _first_definition(entry, header.end())
+        if len(definition.split()) < 4:
+            continue
+        pools["pos"].setdefault(_POS[header.group("pos")], []).append(definition)
+        domain = _DOMAIN_MARK.search(entry)
+        if domain:
+            pools["domain"].setdefault(_DOMAINS[domain.group(1)], []).append(_DOMAIN_MARK.sub("", definition).strip())
+        origin = _ORIGIN_MARK.search(entry[:400])
+        if origin:
+            word = header.group("word").split(",")[0].strip()
+            pools["etymology"].setdefault(_ORIGINS[origin.group(1)], []).append(f"{word}: {definition}")
+    return pools
+
+
+def gcide_tasks(names: tuple[str, ...] = TASK_NAMES, *, train: int = 1200, test: int = 400, seed: int = 0) -> dict[str, TextTask]:
+    """Balanced, seeded GCIDE classification tasks (``train`` + ``test`` examples each)."""
+    unknown = set(names) - set(TASK_NAMES)
+    if unknown:
+        raise KeyError(f"unknown GCIDE task(s) {sorted(unknown)}; known: {', '.join(TASK_NAMES)}")
+    pools = _class_pools()
+    rng = random.Random(seed)
+    tasks = {}
+    for name in names:
+        classes = sorted(pools[name])
+        per_class = (train + test) // len(classes)
+        examples = []
+        for label, cls in enumerate(classes):
+            texts = sorted(set(pools[name][cls]))
+            if len(texts) < per_class:
+                raise ValueError(f"task {name}: class {cls!r} has {len(texts)} distinct examples, {per_class} needed")
+            rng.shuffle(texts)
+            examples += [(text, label) for text in texts[:per_class]]
+        rng.shuffle(examples)
+        tasks[name] = TextTask(name, classes, train=examples[test:], test=examples[:test])
+    return tasks

@@ -1,0 +1,80 @@
+"""LabelWordTask: class scores of a causal LM at the last prompt position, accuracy, entropy."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from merging import entropy
+from merging.label_words import LabelWordTask, class_logits
+from modular.testing import tiny_tokenizer
+
+WORDS = ["apple", "banana", "cherry"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer(["the apple and the banana and the cherry fruit salad"] * 20, vocab_size=160)
+
+
+def test_class_logits_read_the_last_real_position_of_each_row():
+    logits = torch.arange(2 * 4 * 6, dtype=torch.float).reshape(2, 4, 6)
+    batch = {"attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])}
+    out = class_logits(SimpleNamespace(logits=logits), batch, torch.tensor([5, 1]))
+    # row 0 answers at position 2, row 1 at position 3; columns are vocab ids 5 and 1
+    assert out.tolist() == [[logits[0, 2, 5].item(), logits[0, 2, 1].item()], [logits[1, 3, 5].item(), logits[1, 3, 1].item()]]
+
+
+def test_batches_are_right_padded_prompts_without_special_tokens(tokenizer):
+    task = LabelWordTask("fruit", ["the apple", "the banana and the cherry"], WORDS)
+    (batch,) = task.batches(tokenizer, batch_size=8)
+    ids = [tokenizer("the apple", add_special_tokens=False)["input_ids"], tokenizer("the banana and the cherry", add_special_tokens=False)["input_ids"]]
+    assert batch["attention_mask"].sum(1).tolist() == [len(ids[0]), len(ids[1])]
+    assert batch["input_ids"][0, : len(ids[0])].tolist() == ids[0]
+    assert batch["input_ids"][1].tolist() == ids[1]
+
+
+class _AnswerModel(torch.nn.Module):
+    """Puts a high logit on ``answers[i]`` at the last real position of row i (one batch)."""
+
+    def __init__(self, vocab: int, answers: list[int]):
+        super().__init__()
+        self.vocab, self.answers = vocab, answers
+
+    def forward(self, input_ids, attention_mask):
+        logits = torch.zeros(*input_ids.shape, self.vocab)
+        last = attention_mask.sum(1) - 1
+        for i, token in enumerate(self.answers):
+            logits[i, last[i], token] = 5.0
+        return SimpleNamespace(logits=logits)
+
+
+def test_accuracy_compares_argmax_over_label_words_with_labels(tokenizer):
+    task = LabelWordTask("fruit", ["the apple", "the banana", "the cherry", "the apple"], WORDS, labels=[0, 1, 2, 2])
+    ids = task.label_token_ids(tokenizer)
+    model = _AnswerModel(len(tokenizer), [ids[0], ids[1], ids[2], ids[0]])  # last one wrong
+    assert task.predict(model, tokenizer).tolist() == [0, 1, 2, 0]
+    assert task.accuracy(model, tokenizer) == pytest.approx(0.75)
+
+
+def test_entropy_task_scores_only_the_label_words(tokenizer):
+    task = LabelWordTask("fruit", ["the apple", "the banana"], WORDS)
+    ids = task.label_token_ids(tokenizer)
+    entropy_task = task.entropy_task(tokenizer)
+    model = _AnswerModel(len(tokenizer), [ids[0], ids[1]])
+    batch = entropy_task.batches[0]
+    value = entropy(entropy_task.logits(model(**batch), batch), batch["attention_mask"]).item()
+    p = torch.softmax(torch.tensor([5.0, 0.0, 0.0]), 0)  # one label word at 5, the two others at 0
+    assert value == pytest.approx(-(p * p.log()).sum().item(), rel=1e-5)
+    assert value < math.log(3)
+
+
+def test_label_words_sharing_a_first_token_are_refused(tokenizer):
+    with pytest.raises(ValueError, match="same token"):
+        LabelWordTask("fruit", ["x"], ["apple", "apple"]).label_token_ids(tokenizer)
+
+
+def test_labels_must_match_prompts():
+    with pytest.raises(ValueError, match="2 labels for 1 prompts"):
+        LabelWordTask("fruit", ["x"], WORDS, labels=[0, 1])
