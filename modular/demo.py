@@ -2,13 +2,14 @@
 
 1. data: real text and two classification tasks from the GCIDE dictionary (``modular.tasks``),
    a BPE tokenizer trained on that text;
-2. pretrain: a small llama trained briefly on the text (``modular train``, one process);
+2. pretrain: a small llama trained briefly on the text, with a few hundred labelled rows of each
+   task mixed in, so the base is a weak generalist (``modular train``, one process);
 3. inject: its MLPs upcycled into a 4-expert top-2 MoE, then AdaMoE null experts injected
    (the base of every task model and of the merges);
 4. fine-tune: one model per task with LISA and 1-bit Adam under DeepSpeed ZeRO-0, two processes
    (``deepspeed --num_gpus 2 --module finetune.train``);
-5. merge: task arithmetic (λ 0.3, through the ``modular merge`` CLI) and layer-wise AdaMerging
-   (entropy of each task's label-word distribution on its unlabelled test prompts);
+5. merge: task arithmetic (λ 0.3, through the ``modular merge`` CLI) and AdaMerging, task-wise
+   and layer-wise (entropy of each task's label-word distribution on its unlabelled test prompts);
 6. evaluate every model on every task, and write ``report.html`` (``modular report``).
 
 Every stage writes into its own folder and is skipped when its output exists, so re-running the
@@ -57,7 +58,8 @@ class DemoConfig:
     finetune_lr: float = 1e-3
     processes: int = 2
     task_arithmetic_lambda: float = 0.3
-    adamerging: dict = field(default_factory=lambda: dict(granularity="layer", steps=100, lr=5e-3))
+    adamerging: dict = field(default_factory=lambda: dict(steps=100, lr=5e-3))  # AdaMergingConfig fields but granularity
+    adamerging_granularities: list[str] = field(default_factory=lambda: ["task", "layer"])
     seed: int = 0
 
 
@@ -195,9 +197,11 @@ def finetune_task(cfg: DemoConfig, task: str, base: Path, out: Path) -> Path:
                "--module", "finetune.train", str(path)]
     print("$ " + " ".join(command), flush=True)
     threads = str(max(1, (os.cpu_count() or 1) // cfg.processes))  # one rank per core: oversubscribed gloo ranks crawl
-    subprocess.run(command, check=True, cwd=run_dir, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": threads})
+    proc = subprocess.run(command, cwd=run_dir, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": threads})
     if not (run_dir / "model" / "config.json").is_file():
-        raise RuntimeError(f"fine-tuning {task} stopped before the end; re-run `modular demo` to resume it")
+        raise RuntimeError(f"fine-tuning {task} stopped before the end (exit status {proc.returncode}); re-run `modular demo` to resume it")
+    if proc.returncode != 0:
+        print(f"warning: the launcher exited with status {proc.returncode} after the model was written to {run_dir / 'model'}")
     return run_dir / "model"
 
 
@@ -237,20 +241,20 @@ def merge_task_arithmetic(cfg: DemoConfig, base: Path, task_models: dict[str, Pa
     return target
 
 
-def merge_adamerging(cfg: DemoConfig, base: Path, task_models: dict[str, Path], out: Path) -> Path:
-    """Layer-wise AdaMerging on the unlabelled test prompts (their labels are not read)."""
+def merge_adamerging(cfg: DemoConfig, base: Path, task_models: dict[str, Path], out: Path, granularity: str) -> Path:
+    """AdaMerging (``granularity``-wise) on the unlabelled test prompts (their labels are not read)."""
     import torch
 
     from merging import AdaMergingConfig
     from merging.model_merge import adamerge_folders, save_merged_model
 
-    target = out / "merges" / "adamerging"
+    target = out / "merges" / f"adamerging-{granularity}"
     if (target / "config.json").is_file():
         return target
     tokenizer = _tokenizer(out)
     tasks = [_label_word_task(out, name, with_labels=False).entropy_task(tokenizer) for name in task_models]
     torch.manual_seed(cfg.seed)
-    model, result = adamerge_folders(base, task_models, tasks, AdaMergingConfig(**cfg.adamerging))
+    model, result = adamerge_folders(base, task_models, tasks, AdaMergingConfig(**cfg.adamerging, granularity=granularity))
     return save_merged_model(model, result, target, tokenizer_source=base)
 
 
@@ -300,8 +304,9 @@ def run_demo(out: Path, cfg: DemoConfig | None = None) -> Path:
         _stage(f"4/6 fine-tune task {task!r} ({i + 1}/{len(cfg.tasks)}): LISA + 1-bit Adam, DeepSpeed, {cfg.processes} processes")
         task_models[task] = finetune_task(cfg, task, base, out)
     _stage("5/6 merge: task arithmetic and AdaMerging")
-    merges = {"task arithmetic": merge_task_arithmetic(cfg, base, task_models, out),
-              "AdaMerging": merge_adamerging(cfg, base, task_models, out)}
+    merges = {"task arithmetic": merge_task_arithmetic(cfg, base, task_models, out)}
+    for granularity in cfg.adamerging_granularities:
+        merges[f"AdaMerging ({granularity}-wise)"] = merge_adamerging(cfg, base, task_models, out, granularity)
     _stage("6/6 evaluate every model on every task, write the report")
     evaluation = evaluate(cfg, {"base (AdaMoE injected)": base, **{f"task model: {t}": p for t, p in task_models.items()}, **merges}, out)
     report = write_report([out], out / "report.html")

@@ -109,6 +109,8 @@ def plot_routing(runs: dict[str, dict], base_top_k: int | None) -> str:
     width = 0.8 / len(routed)
     for i, (name, stats) in enumerate(routed.items()):
         ax.bar([layer + i * width for layer in range(len(stats))], [s["experts_per_token"] for s in stats], width, label=name)
+    layers = len(next(iter(routed.values())))
+    ax.set_xticks([layer + 0.4 - width / 2 for layer in range(layers)], [str(layer) for layer in range(layers)])
     if base_top_k:
         ax.axhline(base_top_k, color="k", linestyle="--", linewidth=1, label=f"base top-{base_top_k}")
     ax.set(xlabel="layer", ylabel="true experts per token", title="AdaMoE routing after fine-tuning")
@@ -123,6 +125,8 @@ def plot_lisa(runs: dict[str, dict]) -> str:
         periods = [p["layers"] for p in doc["periods"]]
         grid = [[1 if layer in active else 0 for active in periods] for layer in range(doc["num_layers"])]
         ax.imshow(grid, aspect="auto", cmap="Greens", vmin=0, vmax=1, origin="lower")
+        ax.set_xticks(range(len(periods)))
+        ax.set_yticks(range(doc["num_layers"]))
         ax.set(title=f"{name}: γ={doc['num_active_layers']}, K={doc['interval_steps']}", xlabel=f"period ({doc['interval_steps']} steps)", ylabel="layer")
     return _png(plt, fig)
 
@@ -161,7 +165,7 @@ def plot_accuracy(evaluation: dict) -> str:
     for i, key in enumerate([*tasks, "average"]):
         values = [row["average"] if key == "average" else row["accuracy"][key] for row in evaluation["models"].values()]
         ax.bar([m + i * width for m in range(len(models))], values, width, label=key)
-    ax.set_xticks([m + 0.4 - width / 2 for m in range(len(models))], [m.replace(": ", ":\n") for m in models], fontsize=8)
+    ax.set_xticks([m + 0.4 - width / 2 for m in range(len(models))], [m.replace(": ", ":\n").replace(" (", "\n(") for m in models], fontsize=8)
     ax.set(ylabel="accuracy", ylim=(0, 1), title="accuracy of every model on every task")
     ax.legend(fontsize=8)
     return _png(plt, fig)

@@ -45,7 +45,7 @@ def demo_run(tmp_path_factory):
         "model": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                   "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128},
         "pretrain_steps": 2, "finetune_steps": 4, "lisa": {"num_active_layers": 1, "interval_steps": 2},
-        "adamerging": {"granularity": "layer", "steps": 2, "lr": 0.01},
+        "adamerging": {"steps": 2, "lr": 0.01},
     }
     (out / "demo.yaml").write_text(yaml.safe_dump(config))
     assert main(["demo", "--out", str(out), "--config", str(out / "demo.yaml")]) == 0
@@ -56,7 +56,8 @@ def demo_run(tmp_path_factory):
 def test_demo_writes_every_stage_and_the_report(demo_run, capsys):
     out = demo_run
     evaluation = json.loads((out / "evaluation.json").read_text())
-    assert list(evaluation["models"]) == ["base (AdaMoE injected)", "task model: fruit", "task model: shape", "task arithmetic", "AdaMerging"]
+    assert list(evaluation["models"]) == ["base (AdaMoE injected)", "task model: fruit", "task model: shape", "task arithmetic",
+                                          "AdaMerging (task-wise)", "AdaMerging (layer-wise)"]
     for row in evaluation["models"].values():
         assert set(row["accuracy"]) == {"fruit", "shape"} and all(0 <= a <= 1 for a in row["accuracy"].values())
         assert row["average"] == pytest.approx(sum(row["accuracy"].values()) / 2)
@@ -64,18 +65,20 @@ def test_demo_writes_every_stage_and_the_report(demo_run, capsys):
     for task in ("fruit", "shape"):
         metrics = json.loads((out / "runs" / task / "metrics.json").read_text())
         assert metrics["log_history"][-2]["step"] == 4 and metrics["routing_stats"] and metrics["lisa_schedule"]["periods"]
-    coefficients = json.loads((out / "merges" / "adamerging" / "adamerging_coefficients.json").read_text())
-    assert coefficients["tasks"] == ["fruit", "shape"] and len(coefficients["entropy"]) == 2
+    for granularity in ("task", "layer"):
+        coefficients = json.loads((out / "merges" / f"adamerging-{granularity}" / "adamerging_coefficients.json").read_text())
+        assert coefficients["tasks"] == ["fruit", "shape"] and len(coefficients["entropy"]) == 2
+        assert coefficients["granularity"] == granularity
     page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 5  # accuracy, losses, routing, LISA, coefficients
-    assert f"{evaluation['models']['AdaMerging']['average']:.3f}" in page
+    assert page.count("data:image/png;base64,") == 6  # accuracy, losses, routing, LISA, 2 × coefficients
+    assert f"{evaluation['models']['AdaMerging (task-wise)']['average']:.3f}" in page
 
 
 @pytest.mark.distributed
 def test_rerun_skips_finished_stages(demo_run, capsys):
-    before = (out := demo_run) and (out / "merges" / "adamerging" / "config.json").stat().st_mtime
+    before = (out := demo_run) and (out / "merges" / "adamerging-task" / "config.json").stat().st_mtime
     assert main(["demo", "--out", str(out), "--config", str(out / "demo.yaml")]) == 0
-    assert (out / "merges" / "adamerging" / "config.json").stat().st_mtime == before
+    assert (out / "merges" / "adamerging-task" / "config.json").stat().st_mtime == before
     assert "report:" in capsys.readouterr().out
 
 
