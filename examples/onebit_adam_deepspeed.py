@@ -14,7 +14,7 @@ import argparse
 import torch
 import torch.distributed as dist
 
-from finetune import OneBitAdam, deepspeed_config, skip_host_allreduce
+from finetune import OneBitAdam, close_process_group, deepspeed_config, skip_host_allreduce
 from modular.testing import tiny_model
 
 
@@ -55,6 +55,7 @@ def main() -> None:
         torch.save(optimizer.state_dict(), f"{args.out}/onebit_adam_rank{rank}.pt")
     if rank == 0:
         print("final bytes per kind (rank 0):", dict(optimizer.comm_stats.bytes_sent))
+    close_process_group()  # ranks leave together; gloo can abort a process that exits with its group alive
 
 
 if __name__ == "__main__":

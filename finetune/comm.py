@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-__all__ = ["CommStats", "Communicator", "pack_signs", "unpack_signs", "skip_host_allreduce", "local_gradients_hook"]
+__all__ = ["CommStats", "Communicator", "close_process_group", "pack_signs", "unpack_signs", "skip_host_allreduce", "local_gradients_hook"]
 
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 
@@ -213,3 +213,11 @@ def skip_host_allreduce(wrapped) -> None:
         wrapped.enable_backward_allreduce = False
     else:
         raise TypeError(f"expected a DistributedDataParallel module or a DeepSpeed engine, got {type(wrapped).__name__}")
+
+
+def close_process_group() -> None:
+    """Let the ranks leave together and close gloo cleanly. A process that exits with its group
+    still alive can abort in gloo's destructor ("terminate called without an active exception")."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -276,11 +276,9 @@ def _plot_loss(history: list[dict], path: Path) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     run_recipe(load_recipe(args.recipe))
-    if torch.distributed.is_initialized():
-        # Ranks leave together and close gloo cleanly: a rank exiting with its process group
-        # alive can abort in gloo's destructor ("terminate called without an active exception").
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    from .comm import close_process_group
+
+    close_process_group()
     return 0
 
 

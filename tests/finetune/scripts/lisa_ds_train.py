@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from finetune import LisaCallback, deepspeed_config_path
+from finetune import LisaCallback, close_process_group, deepspeed_config_path
 from finetune.deepspeed_configs import cpu_deepspeed_state
 from modular.registry import architecture_of
 from modular.testing import tiny_model
@@ -71,8 +71,7 @@ def main() -> None:
            "steps": recorder.steps, "seen": seen, "schedule": lisa.schedule,
            "is_main": trainer.is_world_process_zero(), "schedule_file": (out_dir / "run" / "lisa_schedule.json").exists()}
     (out_dir / f"rank{rank}.json").write_text(json.dumps(doc))
-    dist.barrier()
-    dist.destroy_process_group()  # gloo threads alive at interpreter exit can abort the process
+    close_process_group()
 
 
 if __name__ == "__main__":

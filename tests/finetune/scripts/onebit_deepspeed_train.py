@@ -12,7 +12,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from finetune import OneBitAdam, deepspeed_config, skip_host_allreduce
+from finetune import OneBitAdam, close_process_group, deepspeed_config, skip_host_allreduce
 from modular.testing import tiny_model
 
 
@@ -50,6 +50,7 @@ def main() -> None:
     if rank == 0:
         with open(sys.argv[-1], "w") as f:
             json.dump(out, f)
+    close_process_group()
 
 
 if __name__ == "__main__":
