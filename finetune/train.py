@@ -261,14 +261,10 @@ def _plot_loss(history: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from modular.report import draw_losses
+
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key in ("loss", "eval_loss"):
-        points = [(h["step"], h[key]) for h in history if key in h]
-        if points:
-            ax.plot(*zip(*points), marker="." if key == "eval_loss" else None, label=key)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
+    draw_losses(ax, history)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

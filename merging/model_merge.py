@@ -38,6 +38,8 @@ def adamerge_folders(
 
 
 def _task_vector(base: torch.nn.Module, finetuned: torch.nn.Module, label: str) -> TaskVector:
+    """Eager deltas over parameters only. Not ``TaskVector.from_models``: its deltas are computed
+    lazily from the live base, which ``apply_coefficients`` then changes, and it also covers buffers."""
     base_params = dict(base.named_parameters())
     deltas = {}
     for name, param in finetuned.named_parameters():

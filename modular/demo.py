@@ -177,6 +177,8 @@ def build_base(cfg: DemoConfig, pretrained: Path, out: Path) -> Path:
 # ----------------------------------------------------------------------------- 4. fine-tune
 def finetune_task(cfg: DemoConfig, task: str, base: Path, out: Path) -> Path:
     """One task model, trained by ``cfg.processes`` DeepSpeed processes (resumes if interrupted)."""
+    from modular.testing import free_port
+
     run_dir = out / "runs" / task
     if (run_dir / "model" / "config.json").is_file():
         return run_dir / "model"
@@ -193,7 +195,7 @@ def finetune_task(cfg: DemoConfig, task: str, base: Path, out: Path) -> Path:
     }
     path = _write_recipe(run_dir / "recipe.yaml", recipe)
     launcher = Path(sys.executable).parent / "deepspeed"
-    command = [str(launcher), "--num_gpus", str(cfg.processes), "--master_port", str(_free_port()),
+    command = [str(launcher), "--num_gpus", str(cfg.processes), "--master_port", str(free_port()),
                "--module", "finetune.train", str(path)]
     print("$ " + " ".join(command), flush=True)
     threads = str(max(1, (os.cpu_count() or 1) // cfg.processes))  # one rank per core: oversubscribed gloo ranks crawl
@@ -203,14 +205,6 @@ def finetune_task(cfg: DemoConfig, task: str, base: Path, out: Path) -> Path:
     if proc.returncode != 0:
         print(f"warning: the launcher exited with status {proc.returncode} after the model was written to {run_dir / 'model'}")
     return run_dir / "model"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------- 5. merge

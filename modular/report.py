@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["ReportInputs", "add_parser", "collect", "write_report"]
+__all__ = ["ReportInputs", "add_parser", "collect", "draw_losses", "write_report"]
 
 
 @dataclass
@@ -93,13 +93,19 @@ def plot_losses(runs: dict[str, dict]) -> str:
     with_history = {n: m["log_history"] for n, m in runs.items() if m.get("log_history")}
     plt, fig, axes = _figure(4.2 * len(with_history), 3.2, len(with_history))
     for ax, (name, history) in zip(axes, with_history.items()):
-        for key, style in (("loss", "-"), ("eval_loss", "o")):
-            points = [(h["step"], h[key]) for h in history if key in h]
-            if points:
-                ax.plot(*zip(*points), style, label=key)
-        ax.set(title=name, xlabel="step", ylabel="loss")
-        ax.legend()
+        draw_losses(ax, history)
+        ax.set_title(name)
     return _png(plt, fig)
+
+
+def draw_losses(ax, history: list[dict]) -> None:
+    """Training loss (line) and eval loss (dots) of a Trainer ``log_history`` on ``ax``."""
+    for key, style in (("loss", "-"), ("eval_loss", "o")):
+        points = [(h["step"], h[key]) for h in history if key in h]
+        if points:
+            ax.plot(*zip(*points), style, label=key)
+    ax.set(xlabel="step", ylabel="loss")
+    ax.legend()
 
 
 def plot_routing(runs: dict[str, dict], base_top_k: int | None) -> str:

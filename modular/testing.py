@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig
 
-__all__ = ["TINY_OVERRIDES", "tiny_config", "tiny_model", "tiny_tokenizer"]
+__all__ = ["TINY_OVERRIDES", "free_port", "tiny_config", "tiny_model", "tiny_tokenizer"]
 
 _DECODER = dict(
     vocab_size=128,
@@ -81,3 +81,12 @@ def tiny_tokenizer(texts: list[str] | None = None, vocab_size: int = 128):
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
+
+
+def free_port() -> int:
+    """A free loopback TCP port, for the rendezvous of a local multi-process run."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

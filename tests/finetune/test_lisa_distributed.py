@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from finetune.lisa import sample_active_layers
-
-from ..conftest import free_port
+from modular.testing import free_port
 
 SCRIPT = Path(__file__).parent / "scripts" / "lisa_ds_train.py"
 BIN = Path(sys.executable).parent

@@ -15,9 +15,7 @@ from finetune.recipe import load_recipe
 from finetune.train import run_recipe
 from modular import load_model
 from modular.surgery import injection_records
-from modular.testing import tiny_tokenizer
-
-from ..conftest import free_port
+from modular.testing import free_port, tiny_tokenizer
 
 TEXT = (
     "A mixture of experts routes each token to a few experts. Null experts cost nothing. "
