@@ -7,7 +7,8 @@ Data: definitions and quotations of the GNU Collaborative International Dictiona
 Sentences are taken in file order; every ``--heldout-every``-th one is held out for evaluation,
 never seen by the conversion.
 
-Conversion: acmize (phases 1-2, module by module), then phase 3 here: end-to-end Adam on the
+Conversion: acmize (phases 1-2, module by module; per-token relative distillation by default,
+``--distill-loss mse`` for the paper's plain MSE), then phase 3 here: end-to-end Adam on the
 ACMs with 1 - cosine to the dense embeddings + the compute-budget penalty (``--e2e-steps``,
 ``--e2e-lr`` with linear decay).
 
@@ -25,6 +26,10 @@ ACM side makes many more, smaller kernel calls than the dense side, so it suffer
 such contention (each call waits for both threads).
 
     flock /tmp/modular-bench.lock .venv/bin/python benchmarks/acm.py
+    flock /tmp/modular-bench.lock .venv/bin/python benchmarks/acm.py --reuse   # re-measure the saved model
+
+The converted model is saved to ``--out``/model; ``--reuse`` loads it (``modular.load_model``)
+instead of converting again when it was made with the same conversion settings.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import json
 import os
 import random
 import re
+import shutil
 import statistics
 import time
 from collections import defaultdict
@@ -210,6 +216,41 @@ def finetune_end_to_end(acm, dense, data: list[dict], config: ACMConfig, steps: 
         layer.eval().requires_grad_(False)
 
 
+CONVERSION_ARGS = ("calib", "eval", "heldout_every", "num_learners", "distill_steps", "distill_lr", "distill_loss", "gate_steps",
+                   "label_factor", "e2e_steps", "e2e_lr")
+
+
+def converted_model(dense, config: ACMConfig, calib: list[dict], args, started: float, before_e2e=None):
+    """Phases 1-3, saved to ``--out``/model (``save_pretrained``); with ``--reuse``, the saved model
+    is loaded instead (``modular.load_model``) when it was made with the same conversion settings."""
+    from modular import load_model
+
+    folder, settings = args.out / "model", {key: getattr(args, key) for key in CONVERSION_ARGS}
+    saved = folder / "benchmark_settings.json"
+    if args.reuse and saved.is_file() and json.loads(saved.read_text()) == settings:
+        print(f"reusing the converted model in {folder}", flush=True)
+        return load_model(folder).eval()
+    if args.reuse:
+        print(f"--reuse: no model converted with these settings in {folder}; converting", flush=True)
+    acm = acmize(copy.deepcopy(dense), config, calib)
+    for log in acm.acm_conversion_log:
+        print(f"{log['module']}: distill {log['distill_loss']:.4g}, relative error by prefix "
+              f"{[round(e, 3) for e in log['relative_error']]}, labels {log['label_histogram']}", flush=True)
+    print(f"conversion took {time.time() - started:.0f} s", flush=True)
+    if args.e2e_steps:
+        if before_e2e is not None:
+            before_e2e(acm)
+        finetune_end_to_end(acm, dense, calib, config, args.e2e_steps, args.e2e_lr)
+        print(f"end-to-end fine-tuning done at {time.time() - started:.0f} s", flush=True)
+    partial = folder.with_name("model.partial")  # complete before it replaces the previous model
+    shutil.rmtree(partial, ignore_errors=True)
+    acm.save_pretrained(partial)
+    (partial / saved.name).write_text(json.dumps(settings))
+    shutil.rmtree(folder, ignore_errors=True)
+    partial.rename(folder)
+    return acm
+
+
 def plot_curve(curve: list[list[float]], at_50: tuple[float, float], path: Path) -> None:
     import matplotlib
 
@@ -236,15 +277,18 @@ def main() -> None:
     parser.add_argument("--eval", type=int, default=500, help="held-out sentences")
     parser.add_argument("--heldout-every", type=int, default=5)
     parser.add_argument("--num-learners", type=int, default=8)
-    parser.add_argument("--distill-steps", type=int, default=200)
-    parser.add_argument("--distill-lr", type=float, default=1e-4)
+    parser.add_argument("--distill-steps", type=int, default=1500)
+    parser.add_argument("--distill-lr", type=float, default=3e-4)
+    parser.add_argument("--distill-loss", choices=["mse", "relative"], default="relative")
     parser.add_argument("--gate-steps", type=int, default=200)
     parser.add_argument("--label-factor", type=float, default=1.2)
     parser.add_argument("--e2e-steps", type=int, default=600, help="phase-3 steps (0 = skip)")
-    parser.add_argument("--e2e-lr", type=float, default=3e-4)
+    parser.add_argument("--e2e-lr", type=float, default=1e-4)
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--reuse", action="store_true",
+                        help="load the model a previous run converted with the same settings (from --out/model) instead of converting")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -261,17 +305,16 @@ def main() -> None:
           f"{sum(int(b['attention_mask'].sum()) for b in calib)} calibration tokens", flush=True)
 
     config = ACMConfig(num_learners=args.num_learners, distill_steps=args.distill_steps, distill_lr=args.distill_lr,
-                       gate_steps=args.gate_steps, label_factor=args.label_factor)
-    acm = acmize(copy.deepcopy(dense), config, calib)
-    for log in acm.acm_conversion_log:
-        print(f"{log['module']}: distill {log['distill_loss']:.4g}, relative error by prefix "
-              f"{[round(e, 3) for e in log['relative_error']]}, labels {log['label_histogram']}", flush=True)
-    print(f"conversion took {time.time() - started:.0f} s", flush=True)
-    if args.e2e_steps:
-        finetune_end_to_end(acm, dense, calib, config, args.e2e_steps, args.e2e_lr)
-        print(f"end-to-end fine-tuning done at {time.time() - started:.0f} s", flush=True)
-
+                       distill_loss=args.distill_loss, gate_steps=args.gate_steps, label_factor=args.label_factor)
     reference = embed(dense, held_out)
+
+    def before_e2e(model) -> None:  # what phases 1-2 alone give, for the record
+        t50 = threshold_for(model, calib[: len(held_out)], 0.5)
+        flops, cosine = evaluate(model, held_out, reference, t50)
+        full = evaluate(model, held_out, reference, 1.0)
+        print(f"before end-to-end: cosine {cosine:.4f} at {flops:.3f} of dense FLOPs, {full[1]:.4f} with all learners", flush=True)
+
+    acm = converted_model(dense, config, calib, args, started, before_e2e)
     thresholds = [0.02, 0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.75, 0.9, 1.0]
     curve = [[round(v, 4) for v in evaluate(acm, held_out, reference, t)] for t in thresholds]
     for t, (frac, cos) in zip(thresholds, curve):

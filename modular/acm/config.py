@@ -7,6 +7,7 @@ from dataclasses import dataclass
 __all__ = ["ACMConfig"]
 
 _INITS = ("dense", "random")
+_DISTILL_LOSSES = ("mse", "relative")
 
 
 def _positive(name: str, value, kind=int) -> None:
@@ -35,6 +36,10 @@ class ACMConfig:
         distill_steps, distill_lr, distill_batch_size (tokens per step). The paper uses Adam at
         1e-3 on fresh learners; from the dense init a smaller rate (1e-4) keeps what the slices
         already know.
+        distill_loss: ``"mse"`` (paper) averages squared errors over tokens, so the few tokens
+        with very large FFN outputs (BERT's special tokens and punctuation) dominate;
+        ``"relative"`` divides each token's squared error by its output's squared norm, so every
+        token counts alike (what a post-LayerNorm block sees).
 
     Phase 2, gate training
         gate_steps, gate_lr, gate_batch_size; label_factor: a token's label is the smallest j with
@@ -60,6 +65,7 @@ class ACMConfig:
     distill_steps: int = 300
     distill_lr: float = 1e-4
     distill_batch_size: int = 1024
+    distill_loss: str = "mse"
     gate_steps: int = 300
     gate_lr: float = 1e-3
     gate_batch_size: int = 1024
@@ -81,6 +87,8 @@ class ACMConfig:
                 raise ValueError(f"ACMConfig.{name} must be an int >= 0, got {value!r}")
         for name in ("distill_lr", "gate_lr", "gumbel_tau"):
             _positive(name, float(getattr(self, name)), float)
+        if self.distill_loss not in _DISTILL_LOSSES:
+            raise ValueError(f"ACMConfig.distill_loss must be one of {', '.join(_DISTILL_LOSSES)}, got {self.distill_loss!r}")
         if self.init not in _INITS:
             raise ValueError(f"ACMConfig.init must be one of {', '.join(_INITS)}, got {self.init!r}")
         if not self.label_factor > 1.0:

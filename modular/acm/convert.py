@@ -8,7 +8,7 @@ Conversion, one target FFN after another (bounded memory: one module's cache at 
    every module is cached from the *original* model (modules are independent, as in the paper):
    the ACMs are swapped in only after all of them are trained;
 2. representation distillation: train the learners so that every prefix sum approximates the
-   output (MSE averaged over the N prefixes), Adam;
+   output (MSE averaged over the N prefixes, optionally per-token relative), Adam;
 3. gate training: label each cached token with the paper's rule (:func:`gate_labels`) and fit
    the gate with cross-entropy.
 
@@ -191,8 +191,17 @@ def _learner_params(layer: ACMLayer) -> list[nn.Parameter]:
     return [p for n, p in layer.named_parameters() if not n.startswith("gate.")]
 
 
+def distillation_loss(prefixes: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
+    """Squared error of every prefix (T, N, d) against the target (T, d), averaged over prefixes and
+    tokens; ``kind="relative"`` first divides each token's error by its target's squared norm."""
+    error = (prefixes.float() - y[:, None]).pow(2).mean(-1)  # (T, N)
+    if kind == "relative":
+        error = error / y.pow(2).mean(-1, keepdim=True).clamp_min(1e-12)
+    return error.mean()
+
+
 def distill(layer: ACMLayer, x: torch.Tensor, y: torch.Tensor, config: ACMConfig, generator: torch.Generator) -> float:
-    """Phase 1: Adam on the learners, loss = MSE(prefix_j, y) averaged over j = 1..N. Returns the last loss."""
+    """Phase 1: Adam on the learners, loss = :func:`distillation_loss` of the prefixes j = 1..N. Returns the last loss."""
     if not config.distill_steps:
         return float("nan")
     optimizer = torch.optim.Adam(_learner_params(layer), lr=config.distill_lr)
@@ -200,7 +209,7 @@ def distill(layer: ACMLayer, x: torch.Tensor, y: torch.Tensor, config: ACMConfig
     for _ in range(config.distill_steps):
         idx = torch.randint(len(x), (min(config.distill_batch_size, len(x)),), generator=generator, device=x.device)
         prefixes = layer.prefix_outputs(x[idx].to(layer.w_in.dtype))[:, 1:]
-        loss = (prefixes.float() - y[idx, None]).pow(2).mean()
+        loss = distillation_loss(prefixes, y[idx], config.distill_loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -196,24 +196,25 @@ class ACMLayer(nn.Module):
 
         One sort, one gather of the tokens that run >= 1 learner, then per group j one matmul per
         projection whose result is written straight into its rows of a sorted output buffer (no
-        concatenation), and one scatter back into token order.
+        concatenation, no zero fill beyond the j = 0 rows), and one scatter back into token order.
         """
         counts = torch.bincount(choice, minlength=self.num_learners + 1)
         self.choice_counts += counts
         sizes = counts.tolist()
-        out = x.new_zeros(x.shape[0], self.hidden_size) if sizes[0] else x.new_empty(x.shape[0], self.hidden_size)
         if sizes[0] == len(choice):
-            return out
-        order = torch.argsort(choice, stable=True)[sizes[0]:]  # tokens that run >= 1 learner, by j
-        xs = x.index_select(0, order)
-        ys = torch.empty_like(xs)
-        start = 0
+            return x.new_zeros(x.shape[0], self.hidden_size)
+        order = torch.argsort(choice, stable=True)  # tokens by j; the first sizes[0] run nothing
+        xs = x.index_select(0, order[sizes[0]:])
+        ys = x.new_empty(x.shape[0], self.hidden_size)
+        ys[:sizes[0]].zero_()
+        start = sizes[0]
         for j, size in enumerate(sizes[1:], start=1):
             if size:
                 rows = ys[start:start + size]
+                group = xs[start - sizes[0]:start - sizes[0] + size]
                 if torch.is_grad_enabled():  # out= does not support autograd: copy into the rows instead
-                    rows.copy_(self.run_learners(xs[start:start + size], j))
+                    rows.copy_(self.run_learners(group, j))
                 else:
-                    self.run_learners(xs[start:start + size], j, out=rows)
+                    self.run_learners(group, j, out=rows)
                 start += size
-        return out.index_copy_(0, order, ys)
+        return torch.empty_like(ys).index_copy_(0, order, ys)

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import yaml
 
 from finetune.recipe import load_recipe
 from modular.config_io import ConfigError
@@ -19,22 +18,17 @@ def recipe_dir(tmp_path):
     return tmp_path
 
 
-def _write(recipe_dir, **sections):
-    base = {
-        "model": {"config": {"model_type": "llama", "hidden_size": 32}, "tokenizer": "tok"},
-        "data": {"train": "train.jsonl"},
-        "output_dir": "out",
-    }
-    base.update(sections)
-    path = recipe_dir / "recipe.yaml"
-    path.write_text(yaml.safe_dump(base))
-    return path
+MINIMAL_RECIPE = {
+    "model": {"config": {"model_type": "llama", "hidden_size": 32}, "tokenizer": "tok"},
+    "data": {"train": "train.jsonl"},
+    "output_dir": "out",
+}
 
 
-def test_valid_recipe_resolves_paths_relative_to_the_file(recipe_dir):
+def test_valid_recipe_resolves_paths_relative_to_the_file(recipe_dir, write_recipe):
     recipe = load_recipe(
-        _write(
-            recipe_dir,
+        write_recipe(
+            recipe_dir, MINIMAL_RECIPE,
             injections=[{"upcycle": {"num_experts": 4}}, {"adamoe": {"top_k": 3}}],
             lisa={"num_active_layers": 1, "interval_steps": 5},
             optimizer={"name": "onebit_adam", "lr": 1e-3, "freeze_step": 4},
@@ -69,9 +63,9 @@ def test_valid_recipe_resolves_paths_relative_to_the_file(recipe_dir):
         ({"optimizer": {"freeze_step": 3}}, "only applies to name: onebit_adam"),
     ],
 )
-def test_bad_recipes_get_one_clear_error(recipe_dir, sections, match):
+def test_bad_recipes_get_one_clear_error(recipe_dir, write_recipe, sections, match):
     with pytest.raises(ConfigError, match=match):
-        load_recipe(_write(recipe_dir, **sections))
+        load_recipe(write_recipe(recipe_dir, MINIMAL_RECIPE, **sections))
 
 
 def test_missing_recipe_file(tmp_path):

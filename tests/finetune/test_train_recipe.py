@@ -9,7 +9,6 @@ import time
 
 import pytest
 import torch
-import yaml
 
 from finetune.recipe import load_recipe
 from finetune.train import run_recipe
@@ -32,30 +31,25 @@ def recipe_dir(tmp_path):
     return tmp_path
 
 
-def _recipe(recipe_dir, **overrides):
-    recipe = {
-        "model": {
-            "config": {"model_type": "llama", "vocab_size": 128, "hidden_size": 32, "intermediate_size": 64,
-                       "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
-                       "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0},
-            "tokenizer": "tok",
-        },
-        "injections": [{"upcycle": {"num_experts": 4, "top_k": 2, "noise_std": 0.01}},
-                       {"adamoe": {"num_null_experts": 2, "top_k": 3}}],
-        "data": {"train": "train.jsonl", "eval": "eval.jsonl", "max_length": 32},
-        "lisa": {"num_active_layers": 1, "interval_steps": 2},
-        "optimizer": {"name": "adamw", "lr": 1e-3},
-        "training": {"max_steps": 6, "per_device_train_batch_size": 4, "logging_steps": 1, "save_steps": 3},
-        "output_dir": "run",
-    }
-    recipe.update(overrides)
-    path = recipe_dir / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+TINY_RUN_RECIPE = {
+    "model": {
+        "config": {"model_type": "llama", "vocab_size": 128, "hidden_size": 32, "intermediate_size": 64,
+                   "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+                   "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0},
+        "tokenizer": "tok",
+    },
+    "injections": [{"upcycle": {"num_experts": 4, "top_k": 2, "noise_std": 0.01}},
+                   {"adamoe": {"num_null_experts": 2, "top_k": 3}}],
+    "data": {"train": "train.jsonl", "eval": "eval.jsonl", "max_length": 32},
+    "lisa": {"num_active_layers": 1, "interval_steps": 2},
+    "optimizer": {"name": "adamw", "lr": 1e-3},
+    "training": {"max_steps": 6, "per_device_train_batch_size": 4, "logging_steps": 1, "save_steps": 3},
+    "output_dir": "run",
+}
 
 
-def test_recipe_runs_inject_lisa_and_saves_a_loadable_model(recipe_dir):
-    final = run_recipe(load_recipe(_recipe(recipe_dir)))
+def test_recipe_runs_inject_lisa_and_saves_a_loadable_model(recipe_dir, write_recipe):
+    final = run_recipe(load_recipe(write_recipe(recipe_dir, TINY_RUN_RECIPE)))
     metrics = json.loads((recipe_dir / "run" / "metrics.json").read_text())
     assert [r["kind"] for r in injection_records(load_model(final))] == ["adamoe"]
     assert len(metrics["lisa_schedule"]["periods"]) == 3  # 6 steps, K=2
@@ -64,9 +58,9 @@ def test_recipe_runs_inject_lisa_and_saves_a_loadable_model(recipe_dir):
     assert (recipe_dir / "run" / "loss.png").stat().st_size > 0
 
 
-def test_sigterm_then_rerun_resumes_from_the_last_checkpoint(recipe_dir):
-    path = _recipe(
-        recipe_dir, injections=[], lisa=None,
+def test_sigterm_then_rerun_resumes_from_the_last_checkpoint(recipe_dir, write_recipe):
+    path = write_recipe(
+        recipe_dir, TINY_RUN_RECIPE, injections=[], lisa=None,
         training={"max_steps": 400, "per_device_train_batch_size": 2, "logging_steps": 1, "save_steps": 2},
     )
     command = [sys.executable, "-m", "finetune.train", str(path)]
@@ -93,10 +87,10 @@ def test_sigterm_then_rerun_resumes_from_the_last_checkpoint(recipe_dir):
 
 
 @pytest.mark.distributed
-def test_whole_stack_under_the_deepspeed_launcher(recipe_dir):
+def test_whole_stack_under_the_deepspeed_launcher(recipe_dir, write_recipe):
     """upcycle → AdaMoE → LISA → OneBitAdam, ZeRO-0, two gloo processes started by `deepspeed`."""
-    path = _recipe(
-        recipe_dir,
+    path = write_recipe(
+        recipe_dir, TINY_RUN_RECIPE,
         optimizer={"name": "onebit_adam", "lr": 1e-3, "freeze_step": 2},
         deepspeed="onebit_zero0",
         training={"max_steps": 4, "per_device_train_batch_size": 2, "logging_steps": 1, "save_steps": 4},
@@ -113,12 +107,12 @@ def test_whole_stack_under_the_deepspeed_launcher(recipe_dir):
 
 
 
-def test_prompt_completion_rows_learn_the_completion_only(recipe_dir):
+def test_prompt_completion_rows_learn_the_completion_only(recipe_dir, write_recipe):
     from finetune.train import _prompt_completion_rows
     from modular.testing import tiny_tokenizer
 
     tokenizer = tiny_tokenizer([TEXT])
-    data = load_recipe(_recipe(recipe_dir, data={"train": "train.jsonl", "prompt_field": "q", "completion_field": "a", "max_length": 12})).data
+    data = load_recipe(write_recipe(recipe_dir, TINY_RUN_RECIPE, data={"train": "train.jsonl", "prompt_field": "q", "completion_field": "a", "max_length": 12})).data
     rows = _prompt_completion_rows({"q": ["experts route", "a b c d e f g h i j k l m n"], "a": [" tokens", " x"]}, data, tokenizer)
     prompt = tokenizer("experts route", add_special_tokens=False)["input_ids"]
     answer = tokenizer(" tokens", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]

@@ -9,9 +9,9 @@ import torch
 import yaml
 
 from merging import TaskVector, merge
-from modular import find_modules, load_model, record_injection, register_injection, replace_module
+from modular import load_model
 from modular.cli import main
-from modular.testing import tiny_model
+from modular.testing import GAIN_KIND, inject_gain, tiny_model
 
 
 def _write(path, config):
@@ -85,32 +85,9 @@ def test_task_vector_extract_and_apply(llama_folders, tmp_path):
     assert torch.allclose(load_model(tmp_path / "m").state_dict()[name], base_w + 0.5 * (ft_w - base_w), atol=1e-6)
 
 
-class _Gain(torch.nn.Module):
-    """Test injection: multiplies a module's output by a learned vector."""
-
-    def __init__(self, base_layer, width):
-        super().__init__()
-        self.base_layer = base_layer
-        self.gain = torch.nn.Parameter(torch.ones(width))
-
-    def forward(self, x, *args, **kwargs):
-        return self.base_layer(x, *args, **kwargs) * self.gain
-
-
-def _inject_gain(model, config):
-    targets = [n for n, _ in find_modules(model, role="mlp")]
-    for name in targets:
-        replace_module(model, name, _Gain(model.get_submodule(name), model.config.hidden_size))
-    record_injection(model, "test_merge_gain", config, targets)
-    return targets
-
-
-register_injection("test_merge_gain", _inject_gain)
-
-
 def test_injected_models_merge_into_a_loadable_injected_model(tmp_path, input_ids):
     base = tiny_model("llama")
-    _inject_gain(base, {})
+    inject_gain(base, {"role": "mlp"})
     base.save_pretrained(tmp_path / "base")
     for i in range(2):
         ft = load_model(tmp_path / "base")
@@ -123,7 +100,7 @@ def test_injected_models_merge_into_a_loadable_injected_model(tmp_path, input_id
                                           "models": [{"model": str(tmp_path / f"ft{i}")} for i in range(2)],
                                           "parameters": {"lambda": 0.5}})
     assert main(["merge", str(config), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["modular_injections"][0]["kind"] == "test_merge_gain"
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["modular_injections"][0]["kind"] == GAIN_KIND
     merged = load_model(tmp_path / "out")
     gains = [p for n, p in merged.named_parameters() if n.endswith("gain")]
     assert gains and all(torch.allclose(g, torch.full_like(g, 1.5)) for g in gains)  # 1 + 0.5 * (0 + 1)

@@ -16,6 +16,7 @@ from modular.acm import (
     reset_stats,
     set_threshold,
 )
+from modular.acm.convert import distillation_loss
 from modular.registry import UnknownArchitectureError
 from modular.surgery import InjectionError, injection_records
 
@@ -63,6 +64,16 @@ def test_gate_labels_follow_the_1_2_rule():
         [1.2, 1.0, 0.5, 0.1],   # ratio exactly 1.2 is not "< 1.2" -> 3
     ])
     assert gate_labels(errors, 1.2).tolist() == [3, 0, 1, 2, 1, 3]
+
+
+def test_distillation_losses_by_hand():
+    # two tokens, two prefixes, d = 2: token 0 has a big output, token 1 a small one
+    y = torch.tensor([[10.0, 0.0], [0.0, 1.0]])
+    prefixes = torch.tensor([[[8.0, 0.0], [10.0, 0.0]], [[0.0, 0.0], [0.0, 1.0]]])
+    # squared errors per (token, prefix), averaged over d: [[2, 0], [0.5, 0]]
+    assert distillation_loss(prefixes, y, "mse").item() == pytest.approx((2 + 0 + 0.5 + 0) / 4)
+    # divided by each token's mean squared output (50 and 0.5): [[0.04, 0], [1, 0]]
+    assert distillation_loss(prefixes, y, "relative").item() == pytest.approx((0.04 + 1) / 4)
 
 
 def test_choose_learners_threshold_is_monotonic():
@@ -185,6 +196,7 @@ def test_stats_plot(tiny, input_ids, tmp_path):
         ({"label_factor": 1.0}, "label_factor must be > 1"),
         ({"threshold": 1.5}, r"threshold must be None \(argmax\) or in \(0, 1\]"),
         ({"distill_steps": -1}, "distill_steps must be an int >= 0"),
+        ({"distill_loss": "l1"}, "distill_loss must be one of mse, relative"),
     ],
 )
 def test_bad_config(kwargs, match):

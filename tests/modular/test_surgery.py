@@ -4,35 +4,12 @@ import json
 
 import pytest
 import torch
-from torch import nn
 from transformers import AutoModelForCausalLM
 
-from modular import find_modules, load_model, record_injection, register_injection, replace_module
+from modular import find_modules, load_model, record_injection
 from modular.checkpoint import CheckpointError
 from modular.surgery import INJECTIONS_KEY, InjectionError, injection_records
-
-
-class InputScale(nn.Module):
-    """Test injection: scales a module's input by a learned vector (identity at init)."""
-
-    def __init__(self, base_layer: nn.Module, width: int):
-        super().__init__()
-        self.base_layer = base_layer
-        self.scale = nn.Parameter(torch.ones(width))
-
-    def forward(self, x, *args, **kwargs):
-        return self.base_layer(x * self.scale, *args, **kwargs)
-
-
-def inject_input_scale(model, config: dict) -> list[str]:
-    targets = [name for name, _ in find_modules(model, role=config["role"], pattern=config.get("pattern"))]
-    for name in targets:
-        replace_module(model, name, InputScale(model.get_submodule(name), model.config.hidden_size))
-    record_injection(model, "test_input_scale", config, targets)
-    return targets
-
-
-register_injection("test_input_scale", inject_input_scale)
+from modular.testing import GAIN_KIND, Gain, inject_gain
 
 
 def _logits(model, ids):
@@ -46,12 +23,12 @@ def _logits(model, ids):
 def test_round_trip_through_save_and_load_model(model_type, role, tiny, input_ids, tmp_path):
     model = tiny(model_type)
     original = _logits(model, input_ids)
-    targets = inject_input_scale(model, {"role": role})
+    targets = inject_gain(model, {"role": role})
     assert torch.allclose(_logits(model, input_ids), original, atol=1e-6)  # identity at init
 
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith(".scale"):
+            if name.endswith(".gain"):
                 p.uniform_(0.5, 1.5)
     injected = _logits(model, input_ids)
     assert not torch.allclose(injected, original, atol=1e-3)  # the saved state is not the base one
@@ -59,7 +36,7 @@ def test_round_trip_through_save_and_load_model(model_type, role, tiny, input_id
     model.save_pretrained(tmp_path)
     loaded = load_model(tmp_path)
     assert [r["targets"] for r in injection_records(loaded)] == [targets]
-    assert all(isinstance(loaded.get_submodule(t), InputScale) for t in targets)
+    assert all(isinstance(loaded.get_submodule(t), Gain) for t in targets)
     assert torch.allclose(_logits(loaded, input_ids), injected, atol=1e-6)
 
     # and a loaded model saves and loads again
@@ -69,9 +46,9 @@ def test_round_trip_through_save_and_load_model(model_type, role, tiny, input_id
 
 def test_plain_from_pretrained_refuses_injected_checkpoint(tiny, tmp_path):
     model = tiny("llama")
-    inject_input_scale(model, {"role": "mlp"})
+    inject_gain(model, {"role": "mlp"})
     model.save_pretrained(tmp_path)
-    assert json.loads((tmp_path / "config.json").read_text())[INJECTIONS_KEY][0]["kind"] == "test_input_scale"
+    assert json.loads((tmp_path / "config.json").read_text())[INJECTIONS_KEY][0]["kind"] == GAIN_KIND
     with pytest.raises(ValueError, match="modular.load_model"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
     assert model.config.model_type == "llama"  # at run time the HF model_type is untouched
@@ -119,7 +96,7 @@ def test_load_model_bad_paths_and_files(tiny, tmp_path):
     with pytest.raises(CheckpointError, match="not a folder"):
         load_model(tmp_path / "missing")
     model = tiny("llama")
-    inject_input_scale(model, {"role": "mlp"})
+    inject_gain(model, {"role": "mlp"})
     model.save_pretrained(tmp_path / "ok")
     (tmp_path / "ok" / "model.safetensors").write_bytes(b"\x00garbage")
     with pytest.raises(CheckpointError, match="model.safetensors"):
@@ -131,7 +108,7 @@ def test_load_model_bad_paths_and_files(tiny, tmp_path):
 
 def test_newer_record_format_is_refused(tiny, tmp_path):
     model = tiny("llama")
-    inject_input_scale(model, {"role": "mlp"})
+    inject_gain(model, {"role": "mlp"})
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     config[INJECTIONS_KEY][0]["format_version"] = 99

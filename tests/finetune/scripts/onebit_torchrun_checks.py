@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from finetune import Communicator, OneBitAdam, skip_host_allreduce
+from finetune import Communicator, OneBitAdam, close_process_group, skip_host_allreduce
 
 
 def same_on_all_ranks(tensors) -> bool:
@@ -178,7 +178,7 @@ def main() -> None:
     if rank == 0:
         with open(sys.argv[1], "w") as f:
             json.dump(result, f)
-    dist.destroy_process_group()
+    close_process_group()
 
 
 if __name__ == "__main__":

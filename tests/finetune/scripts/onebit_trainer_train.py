@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from finetune import OneBitAdam, SkipHostAllReduceCallback
+from finetune import OneBitAdam, SkipHostAllReduceCallback, close_process_group
 from modular.testing import tiny_model
 
 
@@ -59,6 +59,7 @@ def main() -> None:
     if dist.get_rank() == 0:
         with open(sys.argv[-1], "w") as f:
             json.dump(check.out, f)
+    close_process_group()
 
 
 if __name__ == "__main__":
