@@ -102,14 +102,16 @@ def batches(tokenizer, sentences: list[str], batch_size: int) -> list[dict]:
     return out
 
 
+def sentence_embedding(model, batch: dict) -> torch.Tensor:
+    """Mean pooling over non-padding tokens, then L2 normalisation (sentence-transformers' recipe)."""
+    hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+
+
 @torch.no_grad()
 def embed(model, data: list[dict]) -> torch.Tensor:
-    out = []
-    for batch in data:
-        hidden = model(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        out.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
-    return torch.cat(out)
+    return torch.cat([sentence_embedding(model, batch) for batch in data])
 
 
 @torch.no_grad()
@@ -200,10 +202,7 @@ def finetune_end_to_end(acm, dense, data: list[dict], config: ACMConfig, steps: 
         layer.train()
     for step in tqdm(range(steps), desc="end-to-end", mininterval=10):
         batch, target = data[step % len(data)], targets[step % len(data)]
-        hidden = acm(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pred = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
-        task = 1 - (pred * target).sum(-1).mean()
+        task = 1 - (sentence_embedding(acm, batch) * target).sum(-1).mean()
         penalty = compute_penalty(acm, config.budget_target)
         loss = task + config.budget_weight * penalty
         optimizer.zero_grad(set_to_none=True)

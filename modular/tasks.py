@@ -28,8 +28,9 @@ _HEADER = re.compile(r"^(?P<word>[^\\\n]+?) \\[^\\]*\\(?: \([^)]*\))?,? (?P<pos>
 _POS = {"n.": "noun", "v. t.": "verb", "v. i.": "verb", "a.": "adjective", "adv.": "adverb"}
 _DOMAINS = {"Zool": "zoology", "Bot": "botany", "Chem": "chemistry", "Med": "medicine", "Law": "law"}
 _FIELDS = {"Anat": "anatomy", "Min": "mineralogy", "Naut": "navigation", "Mus": "music", "Arch": "architecture"}
-_DOMAIN_MARK = re.compile(r"\((" + "|".join(_DOMAINS) + r")\.?\)")
-_FIELD_MARK = re.compile(r"\((" + "|".join(_FIELDS) + r")\.?\)")
+# subject-label tasks: task -> (label mark in an entry, class word per label)
+_LABEL_TASKS = {name: (re.compile(r"\((" + "|".join(labels) + r")\.?\)"), labels)
+                for name, labels in (("domain", _DOMAINS), ("field", _FIELDS))}
 _ORIGINS = {"L": "latin", "F": "french", "Gr": "greek", "AS": "anglo-saxon"}
 _ORIGIN_MARK = re.compile(r"\[(L|F|Gr|AS)\.")
 TASK_NAMES = ("pos", "domain", "field", "etymology")
@@ -66,12 +67,10 @@ def _class_pools() -> dict[str, dict[str, list[str]]]:
         if len(definition.split()) < 4:
             continue
         pools["pos"].setdefault(_POS[header.group("pos")], []).append(definition)
-        domain = _DOMAIN_MARK.search(entry)
-        if domain:
-            pools["domain"].setdefault(_DOMAINS[domain.group(1)], []).append(_DOMAIN_MARK.sub("", definition).strip())
-        field = _FIELD_MARK.search(entry)
-        if field:
-            pools["field"].setdefault(_FIELDS[field.group(1)], []).append(_FIELD_MARK.sub("", definition).strip())
+        for name, (mark, labels) in _LABEL_TASKS.items():
+            label = mark.search(entry)
+            if label:
+                pools[name].setdefault(labels[label.group(1)], []).append(mark.sub("", definition).strip())
         origin = _ORIGIN_MARK.search(entry[:400])
         if origin:
             word = header.group("word").split(",")[0].strip()
