@@ -42,9 +42,11 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from modular.corpora import minilm_path
+from modular.checkpoint import atomic_output_dir
+from modular.corpora import minilm_path, minilm_sentence_embedding
 from modular.tasks import TASK_NAMES, gcide_tasks
 
 OUT = Path(__file__).resolve().parent / "out" / "adamerging"
@@ -71,13 +73,6 @@ def load_encoder():
     return BertModel.from_pretrained(path, add_pooling_layer=False).eval(), AutoTokenizer.from_pretrained(path)
 
 
-def embed(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, T, H) hidden states, (B, T) mask -> (B, H) sentence embeddings as sentence-transformers
-    makes them for this model: mean over the non-padded tokens, L2-normalised."""
-    mask = mask.unsqueeze(-1).to(hidden.dtype)
-    return nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1), dim=-1)
-
-
 def batches(tokenizer, examples, size):
     for i in range(0, len(examples), size):
         chunk = examples[i : i + size]
@@ -87,7 +82,7 @@ def batches(tokenizer, examples, size):
 
 @torch.no_grad()
 def features(encoder, tokenizer, examples) -> torch.Tensor:
-    return torch.cat([embed(encoder(**inputs).last_hidden_state, inputs["attention_mask"]) for inputs, _ in batches(tokenizer, examples, 100)])
+    return torch.cat([minilm_sentence_embedding(encoder(**inputs).last_hidden_state, inputs["attention_mask"]) for inputs, _ in batches(tokenizer, examples, 100)])
 
 
 def zero_shot_head(encoder, tokenizer, task) -> nn.Linear:
@@ -115,12 +110,9 @@ def linear_probe(encoder, tokenizer, task, steps: int = 300) -> nn.Linear:
 def finetune(task, tokenizer, args, seed: int = 0):
     """Full fine-tuning of the encoder (+ head with ``--heads joint``); cached. Returns (encoder state, head)."""
     key = json.dumps([task.classes, task.train, args.heads, args.epochs, args.ft_lr, seed, "normalised", LOGIT_SCALE, PROMPTS[task.name]])
-    cache = OUT / f"ft-{task.name}-{args.heads}-{hashlib.sha256(key.encode()).hexdigest()[:10]}.pt"
-    if cache.is_file():
-        saved = torch.load(cache)
-        head = nn.Linear(*reversed(saved["head"]["weight"].shape), bias="bias" in saved["head"])
-        head.load_state_dict(saved["head"])
-        return saved["encoder"], head
+    cache = OUT / f"ft-{task.name}-{args.heads}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+    if (cache / "encoder.safetensors").is_file():
+        return load_file(cache / "encoder.safetensors"), head_from_state(load_file(cache / "head.safetensors"))
     torch.manual_seed(seed)
     encoder, _ = load_encoder()
     if args.heads == "zeroshot":
@@ -137,7 +129,7 @@ def finetune(task, tokenizer, args, seed: int = 0):
     for epoch in range(args.epochs):
         random.Random(seed + epoch).shuffle(train)
         for step, (inputs, labels) in enumerate(batches(tokenizer, train, 32)):
-            logits = head(embed(encoder(**inputs).last_hidden_state, inputs["attention_mask"]))
+            logits = head(minilm_sentence_embedding(encoder(**inputs).last_hidden_state, inputs["attention_mask"]))
             loss = nn.functional.cross_entropy(logits, labels)
             optimizer.zero_grad()
             loss.backward()
@@ -145,15 +137,23 @@ def finetune(task, tokenizer, args, seed: int = 0):
             if step % 10 == 0:
                 print(f"  fine-tune {task.name} epoch {epoch} step {step} loss {loss.item():.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
     state = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
-    torch.save({"encoder": state, "head": head.state_dict()}, cache)
+    with atomic_output_dir(cache, force=True) as tmp:
+        save_file(state, tmp / "encoder.safetensors")
+        save_file(head.state_dict(), tmp / "head.safetensors")
     return state, head
+
+
+def head_from_state(state: dict) -> nn.Linear:
+    head = nn.Linear(*reversed(state["weight"].shape), bias="bias" in state)
+    head.load_state_dict(state)
+    return head
 
 
 @torch.no_grad()
 def accuracy(encoder, head, tokenizer, examples) -> float:
     correct = 0
     for inputs, labels in batches(tokenizer, examples, 100):
-        logits = head(embed(encoder(**inputs).last_hidden_state, inputs["attention_mask"]))
+        logits = head(minilm_sentence_embedding(encoder(**inputs).last_hidden_state, inputs["attention_mask"]))
         correct += (logits.argmax(-1) == labels).sum().item()
     return correct / len(examples)
 
@@ -177,7 +177,7 @@ class Evaluator:
         from merging import entropy
 
         self.encoder.load_state_dict(state)
-        logits, labels = zip(*[(self.heads[name](embed(self.encoder(**inputs).last_hidden_state, inputs["attention_mask"])), y)
+        logits, labels = zip(*[(self.heads[name](minilm_sentence_embedding(self.encoder(**inputs).last_hidden_state, inputs["attention_mask"])), y)
                                for inputs, y in batches(self.tokenizer, self.tasks[name].test, 100)])
         logits, labels = torch.cat(logits), torch.cat(labels)
         return [round(entropy(logits).item(), 4), round((logits.argmax(-1) == labels).float().mean().item(), 4)]
@@ -255,7 +255,7 @@ def main() -> None:
                 print(f"sweep {name} λ_{name}={value} (others 0.3): [entropy, accuracy] {sweep[f'{name} λ={value}']}", flush=True)
     unlabelled = {n: [inp for inp, _ in batches(tokenizer, tasks[n].test, args.batch)] for n in tasks}
     entropy_tasks = [
-        EntropyTask(n, unlabelled[n], logits=lambda out, batch, h=heads[n]: h(embed(out.last_hidden_state, batch["attention_mask"])))
+        EntropyTask(n, unlabelled[n], logits=lambda out, batch, h=heads[n]: h(minilm_sentence_embedding(out.last_hidden_state, batch["attention_mask"])))
         for n in tasks
     ]
     tag = "".join(  # other tasks or runs than the defaults: other files (λ JSON and plots too)

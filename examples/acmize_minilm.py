@@ -4,13 +4,15 @@
     HF_HUB_OFFLINE=1 .venv/bin/python examples/acmize_minilm.py --out acm-minilm
     .venv/bin/python examples/acmize_minilm.py --tiny --out /tmp/acm-tiny   # smoke run, random tiny BERT
 
-Reads top to bottom: load, calibrate (phases 1-2 of the paper), choose a threshold, look at
+Reads top to bottom: load, calibrate (phases 1-2 of the paper), fine-tune end to end toward the
+dense model's sentence embeddings under a compute budget (phase 3), choose a threshold, look at
 per-token compute, save, load back with ``modular.load_model``.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 from pathlib import Path
 
@@ -19,7 +21,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from modular import ACMConfig, acmize, load_model  # noqa: E402
-from modular.acm import compute_stats, plot_stats, reset_stats, set_threshold  # noqa: E402
+from modular.acm import compute_stats, finetune_end_to_end, plot_stats, reset_stats, set_threshold  # noqa: E402
+from modular.corpora import minilm_sentence_embedding  # noqa: E402
 
 SENTENCES = [
     "The cat sat on the warm windowsill all afternoon.",
@@ -57,14 +60,31 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, required=True, help="folder for the ACMized checkpoint and plot")
     parser.add_argument("--tiny", action="store_true", help="random tiny BERT instead of MiniLM (smoke test)")
     parser.add_argument("--threshold", type=float, default=0.5, help="gate cumulative-probability threshold")
+    parser.add_argument("--e2e-steps", type=int, default=50, help="phase-3 steps (0 = skip)")
     args = parser.parse_args(argv)
 
     model, tokenize = load(args.tiny)
+    dense = copy.deepcopy(model)  # the teacher for phase 3
     calibration = [tokenize(SENTENCES[i:i + 4]) for i in range(0, len(SENTENCES), 4)]
 
     # Phases 1 (distil every prefix of learners) and 2 (gates on the paper's labels), module by module.
     config = ACMConfig(num_learners=4, distill_steps=20 if args.tiny else 200, gate_steps=20 if args.tiny else 200)
     acmize(model, config, calibration)
+
+    # Phase 3: 1 - cosine to the dense sentence embeddings + the budget penalty (config.budget_target).
+    def embedding(m, batch):
+        return minilm_sentence_embedding(m(**batch).last_hidden_state, batch["attention_mask"])
+
+    if args.e2e_steps:
+        with torch.no_grad():
+            teacher = [(batch, embedding(dense, batch)) for batch in calibration]
+
+        def one_minus_cosine(m, item):
+            batch, target = item
+            return 1 - (embedding(m, batch) * target).sum(-1).mean()
+
+        history = finetune_end_to_end(model, teacher, one_minus_cosine, config, steps=args.e2e_steps, lr=1e-4)
+        print(f"phase 3: 1 - cosine {history[0]['task']:.4f} -> {history[-1]['task']:.4f}")
 
     # The budget knob: no retraining, just a threshold on the gates' cumulative probabilities.
     set_threshold(model, args.threshold)

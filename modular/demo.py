@@ -263,14 +263,15 @@ def evaluate(cfg: DemoConfig, models: dict[str, Path], out: Path) -> Path:
 
     tokenizer = _tokenizer(out)
     tasks = {name: _label_word_task(out, name) for name in cfg.tasks}
+    encoded = {name: task.batches(tokenizer, batch_size=64) for name, task in tasks.items()}  # once for all models
     table: dict[str, dict] = {}
     for label, path in tqdm(models.items(), desc="evaluate", unit="model"):
         model = load_model(path, dtype=torch.float32)
-        accuracy = {name: task.accuracy(model, tokenizer) for name, task in tasks.items()}
+        accuracy = {name: task.accuracy(model, tokenizer, batches=encoded[name]) for name, task in tasks.items()}
         experts = []
-        for task in tasks.values():
+        for batches in encoded.values():
             with torch.no_grad():
-                model(**task.batches(tokenizer, batch_size=64)[0])
+                model(**batches[0])
             experts.append(mean_experts_per_token(routing_stats(model)))
         table[label] = {"accuracy": accuracy, "average": sum(accuracy.values()) / len(accuracy),
                         "mean_experts_per_token": sum(experts) / len(experts), "path": str(path)}

@@ -12,7 +12,8 @@ Conversion, one target FFN after another (bounded memory: one module's cache at 
 3. gate training: label each cached token with the paper's rule (:func:`gate_labels`) and fit
    the gate with cross-entropy.
 
-Phase 3 (optional, end to end) is :func:`budget_loss`, a ``compute_loss_func`` for ``Trainer``.
+Phase 3 (optional, end to end) is :func:`budget_loss`, a ``compute_loss_func`` for ``Trainer``,
+or :func:`finetune_end_to_end`, the same loss in a plain loop (e.g. distilling a teacher's outputs).
 
 Supported FFNs: llama-style gated MLPs (``gate_proj``/``up_proj``/``down_proj``/``act_fn``)
 and BERT's split FFN (registry ``mlp`` = ``intermediate``, ``mlp_output`` = ``output.dense``):
@@ -25,7 +26,7 @@ parameters); there is no ``unwrap``: keep the original checkpoint to go back.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -38,7 +39,7 @@ from ..surgery import InjectionError, find_modules, record_injection, register_i
 from .config import ACMConfig
 from .layer import ACMLayer, gate_labels
 
-__all__ = ["ACM_KIND", "acm_modules", "acmize", "budget_loss", "compute_penalty", "rebuild", "set_threshold"]
+__all__ = ["ACM_KIND", "acm_modules", "acmize", "budget_loss", "compute_penalty", "finetune_end_to_end", "rebuild", "set_threshold"]
 
 ACM_KIND = "acm"
 _LABEL_CHUNK = 4096  # tokens per chunk when labelling the cache (bounds the (T, N+1, d) prefixes)
@@ -366,3 +367,46 @@ def budget_loss(model: nn.Module, config: ACMConfig, task_loss: Callable | None 
         return task(outputs, labels, num_items_in_batch=num_items_in_batch) + config.budget_weight * compute_penalty(model, config.budget_target)
 
     return compute_loss
+
+
+def finetune_end_to_end(
+    model: nn.Module, batches: Sequence, task_loss: Callable[[nn.Module, object], torch.Tensor], config: ACMConfig,
+    *, steps: int, lr: float, progress: bool = True,
+) -> list[dict]:
+    """Phase 3 in a plain loop (:func:`budget_loss` is the same loss for ``Trainer``).
+
+    Loss = ``task_loss(model, batches[step % len(batches)])`` + ``config.budget_weight`` *
+    :func:`compute_penalty`; Adam on the ACM parameters only, the learning rate decaying
+    linearly from ``lr`` to 0 over ``steps``. Only the ACMs are put in training mode
+    (straight-through Gumbel gates); the rest of the model keeps its mode (dropout stays off
+    in an eval model) and gets no gradients. Afterwards the ACMs are back in eval mode and
+    frozen. A batch item can carry anything ``task_loss`` needs (e.g. ``(inputs, targets)``).
+    Returns the per-step ``{"task", "penalty"}`` values.
+    """
+    layers = [layer for _, layer in acm_modules(model)]
+    if not layers:
+        raise ValueError("finetune_end_to_end: the model has no ACM modules (run acmize first)")
+    if not batches:
+        raise ValueError("finetune_end_to_end: no batches")
+    if steps <= 0 or lr <= 0:
+        raise ValueError(f"finetune_end_to_end: steps and lr must be positive, got steps={steps!r}, lr={lr!r}")
+    model.requires_grad_(False)
+    params = [p.requires_grad_(True) for layer in layers for p in layer.parameters()]
+    optimizer = torch.optim.Adam(params, lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
+    for layer in layers:
+        layer.train()
+    history = []
+    bar = tqdm(range(steps), desc="ACM end-to-end", disable=not progress, mininterval=10)
+    for step in bar:
+        task = task_loss(model, batches[step % len(batches)])
+        penalty = compute_penalty(model, config.budget_target)
+        optimizer.zero_grad(set_to_none=True)
+        (task + config.budget_weight * penalty).backward()
+        optimizer.step()
+        schedule.step()
+        history.append({"task": task.item(), "penalty": penalty.item()})
+        bar.set_postfix(task=f"{history[-1]['task']:.4f}", penalty=f"{history[-1]['penalty']:.3f}", refresh=False)
+    for layer in layers:
+        layer.eval().requires_grad_(False)
+    return history

@@ -31,6 +31,13 @@ def ranks(tmp_path_factory):
     return _launch(launcher, "zero2", tmp_path_factory.mktemp("lisa_ds"))
 
 
+def test_no_deepspeed_shared_memory_left_behind(ranks):
+    # DeepSpeed's CPU all-reduce creates one ~70 MB /dev/shm file per rank and never removes it;
+    # close_process_group does.
+    assert [d["shm_buffer_during_run"] for d in ranks] == [True, True]
+    assert [Path(d["shm_buffer"]).exists() for d in ranks] == [False, False]
+
+
 def _expected_schedule():
     return [sample_active_layers(3, p, 4, 1) for p in range(3)]  # script: seed 3, 4 layers, γ=1, K=2
 

@@ -58,6 +58,19 @@ def test_accuracy_compares_argmax_over_label_words_with_labels(tokenizer):
     assert task.accuracy(model, tokenizer) == pytest.approx(0.75)
 
 
+def test_accuracy_on_pretokenised_batches_does_not_tokenise_again(tokenizer, monkeypatch):
+    task = LabelWordTask("fruit", ["the apple", "the banana", "the cherry", "the apple"], WORDS, labels=[0, 1, 2, 2])
+    ids = task.label_token_ids(tokenizer)
+    model = _AnswerModel(len(tokenizer), [ids[0], ids[1], ids[2], ids[0]])
+    pretokenised = task.batches(tokenizer, batch_size=4)  # what a caller scoring several models keeps
+
+    def tokenise_again(*args, **kwargs):
+        raise AssertionError("prompts tokenised again")
+
+    monkeypatch.setattr(task, "batches", tokenise_again)
+    assert task.accuracy(model, tokenizer, batches=pretokenised) == pytest.approx(0.75)
+
+
 def test_entropy_task_scores_only_the_label_words(tokenizer):
     task = LabelWordTask("fruit", ["the apple", "the banana"], WORDS)
     ids = task.label_token_ids(tokenizer)

@@ -7,10 +7,12 @@ from torch import nn
 from modular import ACMConfig, acmize, load_model
 from modular.acm import (
     ACMLayer,
+    acm_modules,
     budget_loss,
     choose_learners,
     compute_penalty,
     compute_stats,
+    finetune_end_to_end,
     gate_labels,
     plot_stats,
     reset_stats,
@@ -175,6 +177,33 @@ def test_straight_through_gate_gets_task_gradient_and_budget_loss(tiny, input_id
     penalty = compute_penalty(model, 0.25)
     task = model.loss_function(outputs.logits, input_ids, vocab_size=model.config.vocab_size)
     assert torch.allclose(loss, task + 0.1 * penalty)
+
+
+def test_finetune_end_to_end_trains_only_the_acms_toward_the_task_and_budget(tiny, input_ids):
+    dense = tiny("bert")
+    with torch.no_grad():
+        target = dense(input_ids).last_hidden_state
+    config = ACMConfig(distill_steps=0, gate_steps=1, init="random", budget_target=0.25, budget_weight=1.0)
+    model = acmize(tiny("bert"), config, _calib(input_ids), progress=False)
+    frozen = {n: p.clone() for n, p in model.named_parameters() if ".intermediate." not in n}
+    acm_before = {n: p.clone() for n, p in model.named_parameters() if ".intermediate." in n}
+
+    def distill_hidden(m, ids):
+        return (m(ids).last_hidden_state - target).pow(2).mean()
+
+    torch.manual_seed(0)
+    history = finetune_end_to_end(model, [input_ids], distill_hidden, config, steps=60, lr=1e-2, progress=False)
+    assert len(history) == 60 and set(history[0]) == {"task", "penalty"}
+    assert sum(h["task"] for h in history[-5:]) < 0.5 * sum(h["task"] for h in history[:5])
+    assert sum(h["penalty"] for h in history[-5:]) < sum(h["penalty"] for h in history[:5])
+    params = dict(model.named_parameters())
+    assert all(torch.equal(params[n], p) for n, p in frozen.items())
+    assert any(not torch.equal(params[n], p) for n, p in acm_before.items())
+    assert all(not layer.training and not any(p.requires_grad for p in layer.parameters()) for _, layer in acm_modules(model))
+    with pytest.raises(ValueError, match="no ACM modules"):
+        finetune_end_to_end(tiny("bert"), [input_ids], distill_hidden, config, steps=1, lr=1e-2)
+    with pytest.raises(ValueError, match="steps and lr must be positive"):
+        finetune_end_to_end(model, [input_ids], distill_hidden, config, steps=0, lr=1e-2)
 
 
 def test_stats_plot(tiny, input_ids, tmp_path):

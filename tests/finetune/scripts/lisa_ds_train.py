@@ -15,6 +15,7 @@ import torch.distributed as dist
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from finetune import LisaCallback, close_process_group, deepspeed_config_path
+from finetune.comm import deepspeed_shm_buffer
 from finetune.deepspeed_configs import cpu_deepspeed_state
 from modular.registry import architecture_of
 from modular.testing import tiny_model
@@ -69,7 +70,8 @@ def main() -> None:
     doc = {"rank": rank, "world_size": dist.get_world_size(), "accelerate_num_processes": trainer.accelerator.num_processes,
            "args_world_size": args.world_size, "zero_stage": None if ddp else trainer.model_wrapped.zero_optimization_stage(),
            "steps": recorder.steps, "seen": seen, "schedule": lisa.schedule,
-           "is_main": trainer.is_world_process_zero(), "schedule_file": (out_dir / "run" / "lisa_schedule.json").exists()}
+           "is_main": trainer.is_world_process_zero(), "schedule_file": (out_dir / "run" / "lisa_schedule.json").exists(),
+           "shm_buffer": str(deepspeed_shm_buffer(rank)), "shm_buffer_during_run": deepspeed_shm_buffer(rank).exists()}
     (out_dir / f"rank{rank}.json").write_text(json.dumps(doc))
     close_process_group()
 
