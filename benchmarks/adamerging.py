@@ -73,6 +73,10 @@ def load_encoder():
     return BertModel.from_pretrained(path, add_pooling_layer=False).eval(), AutoTokenizer.from_pretrained(path)
 
 
+def encode(encoder, inputs: dict) -> torch.Tensor:
+    return minilm_sentence_embedding(encoder(**inputs).last_hidden_state, inputs["attention_mask"])
+
+
 def batches(tokenizer, examples, size):
     for i in range(0, len(examples), size):
         chunk = examples[i : i + size]
@@ -82,7 +86,7 @@ def batches(tokenizer, examples, size):
 
 @torch.no_grad()
 def features(encoder, tokenizer, examples) -> torch.Tensor:
-    return torch.cat([minilm_sentence_embedding(encoder(**inputs).last_hidden_state, inputs["attention_mask"]) for inputs, _ in batches(tokenizer, examples, 100)])
+    return torch.cat([encode(encoder, inputs) for inputs, _ in batches(tokenizer, examples, 100)])
 
 
 def zero_shot_head(encoder, tokenizer, task) -> nn.Linear:
@@ -129,7 +133,7 @@ def finetune(task, tokenizer, args, seed: int = 0):
     for epoch in range(args.epochs):
         random.Random(seed + epoch).shuffle(train)
         for step, (inputs, labels) in enumerate(batches(tokenizer, train, 32)):
-            logits = head(minilm_sentence_embedding(encoder(**inputs).last_hidden_state, inputs["attention_mask"]))
+            logits = head(encode(encoder, inputs))
             loss = nn.functional.cross_entropy(logits, labels)
             optimizer.zero_grad()
             loss.backward()
@@ -153,7 +157,7 @@ def head_from_state(state: dict) -> nn.Linear:
 def accuracy(encoder, head, tokenizer, examples) -> float:
     correct = 0
     for inputs, labels in batches(tokenizer, examples, 100):
-        logits = head(minilm_sentence_embedding(encoder(**inputs).last_hidden_state, inputs["attention_mask"]))
+        logits = head(encode(encoder, inputs))
         correct += (logits.argmax(-1) == labels).sum().item()
     return correct / len(examples)
 
@@ -177,7 +181,7 @@ class Evaluator:
         from merging import entropy
 
         self.encoder.load_state_dict(state)
-        logits, labels = zip(*[(self.heads[name](minilm_sentence_embedding(self.encoder(**inputs).last_hidden_state, inputs["attention_mask"])), y)
+        logits, labels = zip(*[(self.heads[name](encode(self.encoder, inputs)), y)
                                for inputs, y in batches(self.tokenizer, self.tasks[name].test, 100)])
         logits, labels = torch.cat(logits), torch.cat(labels)
         return [round(entropy(logits).item(), 4), round((logits.argmax(-1) == labels).float().mean().item(), 4)]

@@ -379,8 +379,8 @@ def finetune_end_to_end(
     :func:`compute_penalty`; Adam on the ACM parameters only, the learning rate decaying
     linearly from ``lr`` to 0 over ``steps``. Only the ACMs are put in training mode
     (straight-through Gumbel gates); the rest of the model keeps its mode (dropout stays off
-    in an eval model) and gets no gradients. Afterwards the ACMs are back in eval mode and
-    frozen. A batch item can carry anything ``task_loss`` needs (e.g. ``(inputs, targets)``).
+    in an eval model) and gets no gradients meanwhile (its ``requires_grad`` flags are restored
+    afterwards). Afterwards the ACMs are back in eval mode and frozen, as :func:`acmize` leaves them. A batch item can carry anything ``task_loss`` needs (e.g. ``(inputs, targets)``).
     Returns the per-step ``{"task", "penalty"}`` values.
     """
     layers = [layer for _, layer in acm_modules(model)]
@@ -390,6 +390,7 @@ def finetune_end_to_end(
         raise ValueError("finetune_end_to_end: no batches")
     if steps <= 0 or lr <= 0:
         raise ValueError(f"finetune_end_to_end: steps and lr must be positive, got steps={steps!r}, lr={lr!r}")
+    trainable_before = {p: p.requires_grad for p in model.parameters()}
     model.requires_grad_(False)
     params = [p.requires_grad_(True) for layer in layers for p in layer.parameters()]
     optimizer = torch.optim.Adam(params, lr=lr)
@@ -407,6 +408,8 @@ def finetune_end_to_end(
         schedule.step()
         history.append({"task": task.item(), "penalty": penalty.item()})
         bar.set_postfix(task=f"{history[-1]['task']:.4f}", penalty=f"{history[-1]['penalty']:.3f}", refresh=False)
+    for p, flag in trainable_before.items():
+        p.requires_grad_(flag)
     for layer in layers:
         layer.eval().requires_grad_(False)
     return history

@@ -185,6 +185,8 @@ def test_finetune_end_to_end_trains_only_the_acms_toward_the_task_and_budget(tin
         target = dense(input_ids).last_hidden_state
     config = ACMConfig(distill_steps=0, gate_steps=1, init="random", budget_target=0.25, budget_weight=1.0)
     model = acmize(tiny("bert"), config, _calib(input_ids), progress=False)
+    model.embeddings.requires_grad_(True)  # the user's own flags outside the ACMs survive the call
+    flags = {n: p.requires_grad for n, p in model.named_parameters() if ".intermediate." not in n}
     frozen = {n: p.clone() for n, p in model.named_parameters() if ".intermediate." not in n}
     acm_before = {n: p.clone() for n, p in model.named_parameters() if ".intermediate." in n}
 
@@ -198,6 +200,7 @@ def test_finetune_end_to_end_trains_only_the_acms_toward_the_task_and_budget(tin
     assert sum(h["penalty"] for h in history[-5:]) < sum(h["penalty"] for h in history[:5])
     params = dict(model.named_parameters())
     assert all(torch.equal(params[n], p) for n, p in frozen.items())
+    assert {n: params[n].requires_grad for n in flags} == flags and any(flags.values())
     assert any(not torch.equal(params[n], p) for n, p in acm_before.items())
     assert all(not layer.training and not any(p.requires_grad for p in layer.parameters()) for _, layer in acm_modules(model))
     with pytest.raises(ValueError, match="no ACM modules"):
