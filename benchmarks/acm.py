@@ -28,9 +28,10 @@ interleaved layer by layer, ``--threads`` for both, one warm-up pass, median of 
 numbers), and in pieces of ``--time-chunk`` tokens (the size of a real batch:
 ``time_ratio_in_chunks``). At once, the dense FFN's (T, 1536) intermediate no longer fits the
 caches and its time varies by up to 40 % between processes; in batch-sized pieces the dense FFN
-is faster per token and the ACM's per-group matmuls are small, so the ratio is worse there. Other processes outside the lock share the 2 cores; the
-ACM side makes many more, smaller kernel calls than the dense side, so it suffers more from
-such contention (each call waits for both threads).
+is faster per token and the ACM's per-group matmuls are small, so the ratio is worse there.
+Other processes outside the lock share the 2 cores; the ACM side makes many more, smaller
+kernel calls than the dense side, so it suffers more from such contention (each call waits
+for both threads).
 
     flock /tmp/modular-bench.lock .venv/bin/python benchmarks/acm.py            # about 55 min on 2 cores
     flock /tmp/modular-bench.lock .venv/bin/python benchmarks/acm.py --reuse   # re-measure the saved model

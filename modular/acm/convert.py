@@ -380,8 +380,9 @@ def finetune_end_to_end(
     linearly from ``lr`` to 0 over ``steps``. Only the ACMs are put in training mode
     (straight-through Gumbel gates); the rest of the model keeps its mode (dropout stays off
     in an eval model) and gets no gradients meanwhile (its ``requires_grad`` flags are restored
-    afterwards). Afterwards the ACMs are back in eval mode and frozen, as :func:`acmize` leaves them. A batch item can carry anything ``task_loss`` needs (e.g. ``(inputs, targets)``).
-    Returns the per-step ``{"task", "penalty"}`` values.
+    afterwards). The ACMs end in eval mode and frozen, as :func:`acmize` leaves them. A batch
+    item can carry anything ``task_loss`` needs (e.g. ``(inputs, targets)``). Returns the
+    per-step ``{"task", "penalty"}`` values.
     """
     layers = [layer for _, layer in acm_modules(model)]
     if not layers:
