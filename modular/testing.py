@@ -1,7 +1,7 @@
 """Tiny models built from configs, for tests, examples and smoke runs (no downloads).
 
 ``tiny_model("mixtral")`` gives a 2-layer, hidden-32 model of any registered family;
-``inject_gain`` is a minimal injection kind for testing surgery, loading and merging.
+``tiny_tokenizer`` a BPE tokenizer trained in place; ``free_port`` a rendezvous port.
 """
 
 from __future__ import annotations
@@ -9,14 +9,9 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig
 
-from .surgery import find_modules, record_injection, register_injection, replace_module
-
 __all__ = [
-    "GAIN_KIND",
     "TINY_OVERRIDES",
-    "Gain",
     "free_port",
-    "inject_gain",
     "tiny_config",
     "tiny_model",
     "tiny_tokenizer",
@@ -102,34 +97,3 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-GAIN_KIND = "test_gain"
-
-
-class Gain(torch.nn.Module):
-    """Test injection: scales a module's input by a learned per-channel ``gain`` (identity at init).
-
-    The input, not the output, so that it wraps any role: routers return tuples.
-    """
-
-    def __init__(self, base_layer: torch.nn.Module, width: int):
-        super().__init__()
-        self.base_layer = base_layer
-        self.gain = torch.nn.Parameter(torch.ones(width))
-
-    def forward(self, x, *args, **kwargs):
-        return self.base_layer(x * self.gain, *args, **kwargs)
-
-
-def inject_gain(model: torch.nn.Module, config: dict) -> list[str]:
-    """Wrap the modules selected by ``config["role"]`` (and ``config.get("pattern")``) in :class:`Gain`."""
-    targets = [name for name, _ in find_modules(model, role=config["role"], pattern=config.get("pattern"))]
-    for name in targets:
-        replace_module(model, name, Gain(model.get_submodule(name), model.config.hidden_size))
-    record_injection(model, GAIN_KIND, config, targets)
-    return targets
-
-
-# Registered on import, so load_model rebuilds it in any process that imports this module.
-register_injection(GAIN_KIND, inject_gain)

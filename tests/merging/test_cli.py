@@ -11,7 +11,8 @@ import yaml
 from merging import TaskVector, merge
 from modular import load_model
 from modular.cli import main
-from modular.testing import GAIN_KIND, inject_gain, tiny_model
+from modular.testing import tiny_model
+from tests.gain_injection import GAIN_KIND, inject_gain
 
 
 def _write(path, config):

@@ -1,6 +1,8 @@
 """Module surgery and the loader: find, replace, record, save, load_model."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from modular import find_modules, load_model, record_injection
 from modular.checkpoint import CheckpointError
 from modular.surgery import INJECTIONS_KEY, InjectionError, injection_records
-from modular.testing import GAIN_KIND, Gain, inject_gain
+from tests.gain_injection import GAIN_KIND, Gain, inject_gain
 
 
 def _logits(model, ids):
@@ -115,3 +117,11 @@ def test_newer_record_format_is_refused(tiny, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(InjectionError, match="format_version 99"):
         load_model(tmp_path)
+
+
+def test_user_facing_helpers_register_no_test_injection():
+    """The demo and the examples import modular.testing; only the tests may register ``test_gain``."""
+    code = ("import modular.testing, modular.demo; from modular.surgery import _REBUILDERS; "
+            f"assert {GAIN_KIND!r} not in _REBUILDERS, sorted(_REBUILDERS)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
