@@ -24,14 +24,15 @@ sentences; its held-out FLOP fraction is reported as ``flops_at_50``.
 Wall time: the 6 dense FFNs (intermediate + output.dense) and the 6 ACMs at the 50 % threshold
 run on the same cached FFN inputs of the held-out tokens (the ACMs in eval mode, no hooks),
 interleaved layer by layer, ``--threads`` for both, one warm-up pass, median of ``--repeats``
-(the minima are reported too). Timed twice: all held-out tokens at once (the acceptance
-numbers), and in pieces of ``--time-chunk`` tokens (the size of a real batch:
-``time_ratio_in_chunks``). At once, the dense FFN's (T, 1536) intermediate no longer fits the
-caches and its time varies by up to 40 % between processes; in batch-sized pieces the dense FFN
-is faster per token and the ACM's per-group matmuls are small, so the ratio is worse there.
-Other processes outside the lock share the 2 cores; the ACM side makes many more, smaller
-kernel calls than the dense side, so it suffers more from such contention (each call waits
-for both threads).
+(the minima are reported too). Timed for all held-out tokens at once (the acceptance
+numbers) and for the same tokens in calls of each of ``--call-sizes`` tokens (a 64-sentence
+batch is about 1500): ``time_ratio_by_call_size`` and the plot ``time_vs_call_size.png``.
+At once, the dense FFN's (T, 1536) intermediate no longer fits the caches and its time varies
+by up to 40 % between processes; in batch-sized calls the dense FFN is faster per token and
+the ACM's per-group matmuls are small, so the ratio is worse there. Small matmuls also split
+badly over threads: ``--threads 1`` gives the ACM a better ratio than 2 threads.
+Other processes outside the lock share the cores; the ACM side makes many more, smaller
+kernel calls than the dense side, so it suffers more from such contention.
 
     flock /tmp/modular-bench.lock .venv/bin/python benchmarks/acm.py            # about 55 min on 2 cores
     flock /tmp/modular-bench.lock .venv/bin/python benchmarks/acm.py --reuse   # re-measure the saved model
@@ -43,6 +44,7 @@ instead of converting again when it was made with the same conversion settings.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -242,24 +244,46 @@ def converted_model(dense, config: ACMConfig, calib: list[dict], args, started: 
     return acm
 
 
-def plot_curve(curve: list[list[float]], at_50: tuple[float, float], path: Path) -> None:
+@contextlib.contextmanager
+def _axes(path: Path):
+    """One 5.5 x 4 in figure whose axes the block fills; saved to ``path`` (PNG) on exit."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    xs, ys = zip(*curve)
-    ax.plot(xs, ys, "o-", label="threshold sweep")
-    ax.plot(*at_50, "r*", markersize=12, label="50 % budget (calibrated)")
-    ax.axhline(0.97, color="grey", ls="--", lw=0.8)
-    ax.set_xlabel("fraction of dense FFN FLOPs")
-    ax.set_ylabel("mean cosine to dense embeddings")
-    ax.set_title("all-MiniLM-L6-v2, ACM (held-out gcide sentences)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        yield ax
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
+
+
+def plot_curve(curve: list[list[float]], at_50: tuple[float, float], path: Path) -> None:
+    with _axes(path) as ax:
+        xs, ys = zip(*curve)
+        ax.plot(xs, ys, "o-", label="threshold sweep")
+        ax.plot(*at_50, "r*", markersize=12, label="50 % budget (calibrated)")
+        ax.axhline(0.97, color="grey", ls="--", lw=0.8)
+        ax.set_xlabel("fraction of dense FFN FLOPs")
+        ax.set_ylabel("mean cosine to dense embeddings")
+        ax.set_title("all-MiniLM-L6-v2, ACM (held-out gcide sentences)")
+        ax.legend()
+
+
+def plot_time_ratios(by_call_size: list[list[float]], threads: int, path: Path) -> None:
+    """ACM / dense FFN-stack time against tokens per call (the last point: all held-out tokens at once)."""
+    with _axes(path) as ax:
+        ax.plot(*zip(*by_call_size), "o-", label="ACM at 50 % budget")
+        ax.axhline(1.0, color="grey", lw=0.8, label="dense FFN")
+        ax.axhline(0.65, color="grey", ls="--", lw=0.8, label="target 0.65")
+        ax.set_xscale("log")
+        ax.set_xlabel("tokens per call")
+        ax.set_ylabel("ACM time / dense time (6 FFNs)")
+        ax.set_title(f"all-MiniLM-L6-v2 FFN stack, {threads} thread(s)")
+        ax.legend()
 
 
 def main() -> None:
@@ -277,8 +301,8 @@ def main() -> None:
     parser.add_argument("--e2e-lr", type=float, default=1e-4)
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--time-chunk", type=int, default=1536,
-                        help="also time the FFN stacks on pieces of this many tokens (a 64-sentence batch is ~1500)")
+    parser.add_argument("--call-sizes", type=lambda text: [int(n) for n in text.split(",")], default=[512, 1536, 4096],
+                        help="also time the FFN stacks in calls of these many tokens (comma-separated; a 64-sentence batch is ~1500)")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--reuse", action="store_true",
                         help="load the model a previous run converted with the same settings (from --out/model) instead of converting")
@@ -326,14 +350,20 @@ def main() -> None:
     dense_ms, acm_ms = timing["median_dense"], timing["median_acm"]
     print(f"FFN stack on {len(inputs[0])} tokens at once: dense {dense_ms:.1f} ms, ACM at 50 % {acm_ms:.1f} ms "
           f"({acm_ms / dense_ms:.2f}x; minima {timing['min_dense']:.1f} / {timing['min_acm']:.1f} ms)", flush=True)
-    chunked = time_ffn_stacks(dense, acm, inputs, args.repeats, chunk=args.time_chunk)
-    print(f"same tokens in pieces of {args.time_chunk}: dense {chunked['median_dense']:.1f} ms, ACM {chunked['median_acm']:.1f} ms "
-          f"({chunked['median_acm'] / chunked['median_dense']:.2f}x); total {time.time() - started:.0f} s", flush=True)
+    by_call_size = []
+    for size in args.call_sizes:
+        chunked = time_ffn_stacks(dense, acm, inputs, args.repeats, chunk=size)
+        by_call_size.append([size, round(chunked["median_acm"] / chunked["median_dense"], 3)])
+        print(f"same tokens in calls of {size}: dense {chunked['median_dense']:.1f} ms, ACM {chunked['median_acm']:.1f} ms "
+              f"({by_call_size[-1][1]:.2f}x)", flush=True)
+    by_call_size.append([len(inputs[0]), round(acm_ms / dense_ms, 3)])
+    plot_time_ratios(by_call_size, args.threads, args.out / "time_vs_call_size.png")
+    print(f"total {time.time() - started:.0f} s", flush=True)
     print(json.dumps({
         "cosine_at_50": round(cosine_50, 4), "dense_ffn_ms": round(dense_ms, 2), "acm_ffn_ms_at_50": round(acm_ms, 2),
         "curve": curve, "flops_at_50": round(flops_50, 4), "threshold_at_50": t50, "time_ratio": round(acm_ms / dense_ms, 3),
         "time_ratio_of_minima": round(timing["min_acm"] / timing["min_dense"], 3),
-        "time_chunk": args.time_chunk, "time_ratio_in_chunks": round(chunked["median_acm"] / chunked["median_dense"], 3),
+        "time_ratio_by_call_size": by_call_size, "threads": args.threads,
         "num_learners": args.num_learners, "histogram_at_50": stats["histogram"], "heldout_tokens": len(inputs[0]), "plots": str(args.out),
     }))
 
