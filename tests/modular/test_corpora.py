@@ -1,8 +1,20 @@
-"""modular.corpora: the sentence-transformers pooling of all-MiniLM-L6-v2, by hand."""
+"""modular.corpora: the sentence-transformers pooling of all-MiniLM-L6-v2, by hand; apt's
+package index read from plain and compressed files."""
 
+import gzip
+import lzma
+
+import pytest
 import torch
 
-from modular.corpora import minilm_sentence_embedding
+from modular.corpora import debian_package_descriptions, minilm_sentence_embedding
+
+STANZAS = {
+    "a": "Package: tux-race\nVersion: 1\nSection: games\nDescription: 3D racing game\nTag: game::arcade\n",
+    "b": "Package: mutt\nSection: mail\nDescription: text-based mailreader\n",
+    "c": "Package: gimp-plugin\nSection: contrib/graphics\nDescription: plug-in for GIMP (data)\n",
+    "d": "Package: no-section\nDescription: skipped: no Section field\n",
+}
 
 
 def test_mean_over_unpadded_tokens_then_unit_length():
@@ -11,3 +23,19 @@ def test_mean_over_unpadded_tokens_then_unit_length():
     # mean of the two real tokens = [2, 2] -> unit length [1/√2, 1/√2]
     expected = torch.tensor([[2 ** -0.5, 2 ** -0.5]])
     assert torch.allclose(minilm_sentence_embedding(hidden, mask), expected)
+
+
+def test_apt_index_stanzas_from_plain_gz_and_xz_files(tmp_path):
+    (tmp_path / "main_binary-amd64_Packages").write_text(STANZAS["a"] + "\n" + STANZAS["d"])
+    with gzip.open(tmp_path / "contrib_binary-amd64_Packages.gz", "wt") as f:
+        f.write(STANZAS["c"] + "\n" + STANZAS["a"])  # tux-race again: counted once
+    with lzma.open(tmp_path / "main_binary-i386_Packages.xz", "wt") as f:
+        f.write(STANZAS["b"])
+    (tmp_path / "main_Translation-en").write_text(STANZAS["b"])  # not a Packages index
+    assert sorted(debian_package_descriptions(tmp_path)) == [
+        ("games", "3D racing game"), ("graphics", "plug-in for GIMP (data)"), ("mail", "text-based mailreader")]
+
+
+def test_missing_apt_index_names_the_folder_and_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path}.*apt-get update"):
+        debian_package_descriptions(tmp_path)

@@ -1,4 +1,5 @@
-"""GCIDE classification tasks (modular.tasks) on synthetic dictionary entries (no GCIDE needed)."""
+"""Classification tasks (modular.tasks) on synthetic dictionary entries and package
+descriptions (no GCIDE, no apt index needed)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def fake_gcide(monkeypatch):
 
 
 def test_field_task_is_balanced_labelled_and_label_free(fake_gcide):
-    task = tasks.gcide_tasks(("field",), train=30, test=20)["field"]
+    task = tasks.text_tasks(("field",), train=30, test=20)["field"]
     assert task.classes == sorted(FIELD_LABELS.values())
     examples = task.train + task.test
     assert len(task.train) == 30 and len(task.test) == 20
@@ -39,14 +40,27 @@ def test_field_task_is_balanced_labelled_and_label_free(fake_gcide):
 
 
 def test_a_tasks_split_does_not_depend_on_the_other_tasks_requested(fake_gcide):
-    alone = tasks.gcide_tasks(("etymology",), train=12, test=8)["etymology"]
-    together = tasks.gcide_tasks(("pos", "field", "etymology"), train=12, test=8)["etymology"]
+    alone = tasks.text_tasks(("etymology",), train=12, test=8)["etymology"]
+    together = tasks.text_tasks(("pos", "field", "etymology"), train=12, test=8)["etymology"]
     assert alone.train == together.train and alone.test == together.test
-    assert tasks.gcide_tasks(("etymology",), train=12, test=8, seed=1)["etymology"].train != alone.train
+    assert tasks.text_tasks(("etymology",), train=12, test=8, seed=1)["etymology"].train != alone.train
 
 
 def test_unknown_task_and_too_few_examples_are_clear_errors(fake_gcide):
-    with pytest.raises(KeyError, match="unknown GCIDE task"):
-        tasks.gcide_tasks(("sentiment",))
+    with pytest.raises(KeyError, match="unknown task"):
+        tasks.text_tasks(("sentiment",))
     with pytest.raises(ValueError, match="needed"):
-        tasks.gcide_tasks(("field",), train=100, test=100)
+        tasks.text_tasks(("field",), train=100, test=100)
+
+
+def test_software_task_maps_sections_to_class_words_and_drops_parentheticals(monkeypatch):
+    sections = {"games": "games", "graphics": "graphics", "mail": "email", "science": "science", "sound": "audio"}
+    packages = [(section, f"{section} tool number {i} (data files)") for section in sections for i in range(4)]
+    packages += [("libs", "a library nobody asked for"), ("games", "tiny (x)")]  # other section; < 3 words
+    monkeypatch.setattr(tasks, "debian_package_descriptions", lambda: packages)
+    monkeypatch.setattr(tasks, "gcide_entries", lambda: pytest.fail("GCIDE read for a software-only request"))
+    task = tasks.text_tasks(("software",), train=15, test=5)["software"]
+    assert task.classes == sorted(sections.values())
+    for text, label in task.train + task.test:
+        section = text.split()[0]
+        assert sections[section] == task.classes[label] and "(" not in text
