@@ -5,8 +5,7 @@ Model: all-MiniLM-L6-v2 (``modular.corpora.minilm_path``, PyPI package ``gt-all-
 dictionary (``modular.tasks.text_tasks``; ``--tasks``, default ``pos,domain,field``; also
 ``etymology``) and from Debian's package descriptions (``software``: section from the one-line
 description; needs apt's package index); balanced classes, seeded split per task, 1200 train /
-400 test each. Sentence
-embedding = L2-normalised mean pooling.
+400 test each. Sentence embedding = L2-normalised mean pooling.
 
 Fine-tuning follows the task-arithmetic / AdaMerging protocol, where each task's head is fixed
 *before* fine-tuning and frozen during it (CLIP's zero-shot text heads there). ``--heads
@@ -110,7 +109,7 @@ def fitted_logit_scale(cosines: torch.Tensor, labels: torch.Tensor) -> float:
     return log_scale.exp().item()
 
 
-def zero_shot_head(encoder, tokenizer, task, logit_scale: str) -> nn.Linear:
+def zero_shot_head(encoder, tokenizer, task, logit_scale: str | float) -> nn.Linear:
     """CLIP-style zero-shot head: logits = scale · cos(sentence, class prompt), the prompts embedded
     by ``encoder``. ``logit_scale``: a number (CLIP's is 100), or ``"fit"``: the base encoder's
     calibrated scale on the task's *training* split (:func:`fitted_logit_scale`). CLIP learned its
@@ -123,7 +122,7 @@ def zero_shot_head(encoder, tokenizer, task, logit_scale: str) -> nn.Linear:
         scale = fitted_logit_scale(cosines, torch.tensor([label for _, label in task.train]))
         print(f"  {task.name}: fitted logit scale {scale:.1f}", flush=True)
     else:
-        scale = float(logit_scale)
+        scale = logit_scale
     head = nn.Linear(weight.shape[1], len(prompts), bias=False)
     head.weight.data.copy_(scale * weight)
     return head
@@ -142,13 +141,9 @@ def linear_probe(encoder, tokenizer, task, steps: int = 300) -> nn.Linear:
     return head
 
 
-def _scale_key(logit_scale: str) -> str | float:
-    return logit_scale if logit_scale == "fit" else float(logit_scale)  # 100 keeps the caches of the CLIP-scale runs
-
-
 def finetune(task, tokenizer, args, seed: int = 0):
     """Full fine-tuning of the encoder (+ head with ``--heads joint``); cached. Returns (encoder state, head)."""
-    key = json.dumps([task.classes, task.train, args.heads, args.epochs, args.ft_lr, seed, "normalised", _scale_key(args.logit_scale), PROMPTS[task.name]])
+    key = json.dumps([task.classes, task.train, args.heads, args.epochs, args.ft_lr, seed, "normalised", args.logit_scale, PROMPTS[task.name]])
     cache = OUT / f"ft-{task.name}-{args.heads}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
     if (cache / "encoder.safetensors").is_file():
         return load_file(cache / "encoder.safetensors"), head_from_state(load_file(cache / "head.safetensors"))
@@ -236,13 +231,26 @@ def show(label: str, accs: dict[str, float]) -> None:
 
 
 # ----------------------------------------------------------------------------------- main
+def _logit_scale(text: str) -> str | float:
+    """``fit`` or a positive number (a float: 100 -> 100.0 keeps the fine-tune caches of the CLIP-scale runs)."""
+    if text == "fit":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected 'fit' or a positive number, got {text!r}")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default="pos,domain,field",
                         help=f"comma-separated tasks (known: {', '.join(TASK_NAMES)})")
     parser.add_argument("--heads", choices=["zeroshot", "probe", "joint"], default="zeroshot",
                         help="task heads: zero-shot class prompts or a linear probe, frozen while fine-tuning; or trained jointly")
-    parser.add_argument("--logit-scale", default="fit",
+    parser.add_argument("--logit-scale", type=_logit_scale, default="fit",
                         help="zero-shot heads: 'fit' (temperature fitted on the base encoder's train split) or a number (CLIP: 100)")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--ft-lr", type=float, default=5e-5)
@@ -310,7 +318,7 @@ def main() -> None:
         for n in tasks
     ]
     tag = "".join(  # other tasks or runs than the defaults: other files (λ JSON and plots too)
-        "_" + re.sub(r"[^a-z0-9+]+", "-", getattr(args, key)) for key in ("tasks", "runs", "logit_scale") if getattr(args, key) != parser.get_default(key))
+        "_" + re.sub(r"[^a-z0-9+]+", "-", str(getattr(args, key))) for key in ("tasks", "runs", "logit_scale") if getattr(args, key) != parser.get_default(key))
     tracks, summaries = {}, {}
     for run in args.runs.split(","):
         granularity, plus, own = run.split(":")[0].removesuffix("++"), "++" in run, run.endswith(":own")

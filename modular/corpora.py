@@ -17,7 +17,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
-__all__ = ["APT_LISTS", "GCIDE", "debian_package_descriptions", "gcide_entries", "gcide_paragraphs", "minilm_path", "minilm_sentence_embedding"]
+__all__ = [
+    "APT_LISTS", "GCIDE", "debian_package_descriptions", "gcide_entries", "gcide_paragraphs", "minilm_path",
+    "minilm_sentence_embedding",
+]
 
 GCIDE = Path("/usr/share/dictd/gcide.dict.dz")
 APT_LISTS = Path("/var/lib/apt/lists")

@@ -3,6 +3,8 @@ package index read from plain and compressed files."""
 
 import gzip
 import lzma
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -39,3 +41,12 @@ def test_apt_index_stanzas_from_plain_gz_and_xz_files(tmp_path):
 def test_missing_apt_index_names_the_folder_and_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"{tmp_path}.*apt-get update"):
         debian_package_descriptions(tmp_path)
+
+
+@pytest.mark.skipif(not shutil.which("lz4"), reason="needs the lz4 tool (Debian's apt stores its lists lz4-compressed)")
+def test_apt_index_stored_lz4_compressed(tmp_path):
+    plain = tmp_path / "plain"
+    plain.write_text(STANZAS["b"])
+    subprocess.run(["lz4", "-q", str(plain), str(tmp_path / "main_binary-amd64_Packages.lz4")], check=True)
+    plain.unlink()
+    assert debian_package_descriptions(tmp_path) == [("mail", "text-based mailreader")]
