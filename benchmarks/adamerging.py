@@ -141,8 +141,9 @@ def linear_probe(encoder, tokenizer, task, steps: int = 300) -> nn.Linear:
     return head
 
 
-def finetune(task, tokenizer, args, seed: int = 0):
+def finetune(task, tokenizer, args):
     """Full fine-tuning of the encoder (+ head with ``--heads joint``); cached. Returns (encoder state, head)."""
+    seed = args.seed
     key = json.dumps([task.classes, task.train, args.heads, args.epochs, args.ft_lr, seed, "normalised", args.logit_scale, PROMPTS[task.name]])
     cache = OUT / f"ft-{task.name}-{args.heads}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
     if (cache / "encoder.safetensors").is_file():
@@ -254,6 +255,7 @@ def main() -> None:
                         help="zero-shot heads: 'fit' (temperature fitted on the base encoder's train split) or a number (CLIP: 100)")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--ft-lr", type=float, default=5e-5)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the task splits and of fine-tuning")
     parser.add_argument("--train", type=int, default=1200)
     parser.add_argument("--test", type=int, default=400)
     parser.add_argument("--steps", type=int, default=200, help="AdaMerging steps")
@@ -275,7 +277,7 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     from merging import EntropyTask, TaskVector, adamerge, merge
 
-    tasks = text_tasks(tuple(args.tasks.split(",")), train=args.train, test=args.test)
+    tasks = text_tasks(tuple(args.tasks.split(",")), train=args.train, test=args.test, seed=args.seed)
     for t in tasks.values():
         print(f"task {t.name}: classes {t.classes}, {len(t.train)} train / {len(t.test)} test", flush=True)
     base, tokenizer = load_encoder()
@@ -318,7 +320,7 @@ def main() -> None:
         for n in tasks
     ]
     tag = "".join(  # other tasks or runs than the defaults: other files (λ JSON and plots too)
-        "_" + re.sub(r"[^a-z0-9+]+", "-", str(getattr(args, key))) for key in ("tasks", "runs", "logit_scale") if getattr(args, key) != parser.get_default(key))
+        "_" + re.sub(r"[^a-z0-9+]+", "-", str(getattr(args, key))) for key in ("tasks", "runs", "logit_scale", "seed") if getattr(args, key) != parser.get_default(key))
     tracks, summaries = {}, {}
     for run in args.runs.split(","):
         granularity, plus, own = run.split(":")[0].removesuffix("++"), "++" in run, run.endswith(":own")
@@ -362,7 +364,7 @@ def main() -> None:
         **({"entropy_accuracy_sweep": sweep} if sweep else {}),
         "per_task": {k: {t: round(v, 4) for t, v in accs.items()} for k, accs in results.items()},
         "adamerging": {"steps": args.steps, "lr": args.lr, "batch": args.batch, "init": 0.3, "clamp": [0, 1], **summaries},
-        "setup": {"tasks": args.tasks, "heads": args.heads, "logit_scale": args.logit_scale, "epochs": args.epochs, "ft_lr": args.ft_lr, "train": args.train, "test": args.test},
+        "setup": {"tasks": args.tasks, "seed": args.seed, "heads": args.heads, "logit_scale": args.logit_scale, "epochs": args.epochs, "ft_lr": args.ft_lr, "train": args.train, "test": args.test},
     }
     (OUT / f"results{tag}.json").write_text(json.dumps({"summary": final, "tracks": tracks}, indent=2))
     print(json.dumps(final))
