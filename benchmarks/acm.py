@@ -71,7 +71,7 @@ from modular.acm import (  # noqa: E402
     set_threshold,
 )
 from modular.checkpoint import atomic_output_dir  # noqa: E402
-from modular.corpora import gcide_paragraphs, minilm_path, minilm_sentence_embedding  # noqa: E402
+from modular.corpora import gcide_paragraphs, minilm_encode, minilm_path  # noqa: E402
 
 OUT = Path(__file__).parent / "out" / "acm"
 
@@ -120,13 +120,9 @@ def batches(tokenizer, sentences: list[str], batch_size: int) -> list[dict]:
     return out
 
 
-def sentence_embedding(model, batch: dict) -> torch.Tensor:
-    return minilm_sentence_embedding(model(**batch).last_hidden_state, batch["attention_mask"])
-
-
 @torch.no_grad()
 def embed(model, data: list[dict]) -> torch.Tensor:
-    return torch.cat([sentence_embedding(model, batch) for batch in data])
+    return torch.cat([minilm_encode(model, batch) for batch in data])
 
 
 @torch.no_grad()
@@ -205,7 +201,7 @@ def phase_3(acm, dense, data: list[dict], config: ACMConfig, steps: int, lr: flo
 
     def one_minus_cosine(model, item):
         batch, target = item
-        return 1 - (sentence_embedding(model, batch) * target).sum(-1).mean()
+        return 1 - (minilm_encode(model, batch) * target).sum(-1).mean()
 
     history = finetune_end_to_end(acm, items, one_minus_cosine, config, steps=steps, lr=lr)
     for step in sorted({*range(0, steps, max(1, steps // 12)), steps - 1}):
@@ -348,20 +344,21 @@ def main() -> None:
     inputs = ffn_inputs(dense, held_out)
     timing = time_ffn_stacks(dense, acm, inputs, args.repeats)
     dense_ms, acm_ms = timing["median_dense"], timing["median_acm"]
+    time_ratio = round(acm_ms / dense_ms, 3)
     print(f"FFN stack on {len(inputs[0])} tokens at once: dense {dense_ms:.1f} ms, ACM at 50 % {acm_ms:.1f} ms "
-          f"({acm_ms / dense_ms:.2f}x; minima {timing['min_dense']:.1f} / {timing['min_acm']:.1f} ms)", flush=True)
+          f"({time_ratio:.2f}x; minima {timing['min_dense']:.1f} / {timing['min_acm']:.1f} ms)", flush=True)
     by_call_size = []
     for size in args.call_sizes:
         chunked = time_ffn_stacks(dense, acm, inputs, args.repeats, chunk=size)
         by_call_size.append([size, round(chunked["median_acm"] / chunked["median_dense"], 3)])
         print(f"same tokens in calls of {size}: dense {chunked['median_dense']:.1f} ms, ACM {chunked['median_acm']:.1f} ms "
               f"({by_call_size[-1][1]:.2f}x)", flush=True)
-    by_call_size.append([len(inputs[0]), round(acm_ms / dense_ms, 3)])
+    by_call_size.append([len(inputs[0]), time_ratio])
     plot_time_ratios(by_call_size, args.threads, args.out / "time_vs_call_size.png")
     print(f"total {time.time() - started:.0f} s", flush=True)
     print(json.dumps({
         "cosine_at_50": round(cosine_50, 4), "dense_ffn_ms": round(dense_ms, 2), "acm_ffn_ms_at_50": round(acm_ms, 2),
-        "curve": curve, "flops_at_50": round(flops_50, 4), "threshold_at_50": t50, "time_ratio": round(acm_ms / dense_ms, 3),
+        "curve": curve, "flops_at_50": round(flops_50, 4), "threshold_at_50": t50, "time_ratio": time_ratio,
         "time_ratio_of_minima": round(timing["min_acm"] / timing["min_dense"], 3),
         "time_ratio_by_call_size": by_call_size, "threads": args.threads,
         "num_learners": args.num_learners, "histogram_at_50": stats["histogram"], "heldout_tokens": len(inputs[0]), "plots": str(args.out),

@@ -50,7 +50,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from modular.checkpoint import atomic_output_dir
-from modular.corpora import minilm_path, minilm_sentence_embedding
+from modular.corpora import minilm_encode, minilm_path, minilm_sentence_embedding
 from modular.tasks import TASK_NAMES, text_tasks
 
 OUT = Path(__file__).resolve().parent / "out" / "adamerging"
@@ -77,10 +77,6 @@ def load_encoder():
     return BertModel.from_pretrained(path, add_pooling_layer=False).eval(), AutoTokenizer.from_pretrained(path)
 
 
-def encode(encoder, inputs: dict) -> torch.Tensor:
-    return minilm_sentence_embedding(encoder(**inputs).last_hidden_state, inputs["attention_mask"])
-
-
 def batches(tokenizer, examples, size):
     for i in range(0, len(examples), size):
         chunk = examples[i : i + size]
@@ -90,7 +86,7 @@ def batches(tokenizer, examples, size):
 
 @torch.no_grad()
 def features(encoder, tokenizer, examples) -> torch.Tensor:
-    return torch.cat([encode(encoder, inputs) for inputs, _ in batches(tokenizer, examples, 100)])
+    return torch.cat([minilm_encode(encoder, inputs) for inputs, _ in batches(tokenizer, examples, 100)])
 
 
 def fitted_logit_scale(cosines: torch.Tensor, labels: torch.Tensor) -> float:
@@ -164,7 +160,7 @@ def finetune(task, tokenizer, args):
     for epoch in range(args.epochs):
         random.Random(seed + epoch).shuffle(train)
         for step, (inputs, labels) in enumerate(batches(tokenizer, train, 32)):
-            logits = head(encode(encoder, inputs))
+            logits = head(minilm_encode(encoder, inputs))
             loss = nn.functional.cross_entropy(logits, labels)
             optimizer.zero_grad()
             loss.backward()
@@ -187,7 +183,7 @@ def head_from_state(state: dict) -> nn.Linear:
 @torch.no_grad()
 def correct_predictions(encoder, head, tokenizer, examples) -> torch.Tensor:
     """(N,) bool: which examples ``head`` on ``encoder`` classifies right."""
-    return torch.cat([head(encode(encoder, inputs)).argmax(-1) == labels for inputs, labels in batches(tokenizer, examples, 100)])
+    return torch.cat([head(minilm_encode(encoder, inputs)).argmax(-1) == labels for inputs, labels in batches(tokenizer, examples, 100)])
 
 
 def mcnemar(ours: torch.Tensor, theirs: torch.Tensor) -> dict:
@@ -221,7 +217,7 @@ class Evaluator:
         from merging import entropy
 
         self.encoder.load_state_dict(state)
-        logits, labels = zip(*[(self.heads[name](encode(self.encoder, inputs)), y)
+        logits, labels = zip(*[(self.heads[name](minilm_encode(self.encoder, inputs)), y)
                                for inputs, y in batches(self.tokenizer, self.tasks[name].test, 100)])
         logits, labels = torch.cat(logits), torch.cat(labels)
         return [round(entropy(logits).item(), 4), round((logits.argmax(-1) == labels).float().mean().item(), 4)]

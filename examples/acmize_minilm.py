@@ -12,7 +12,6 @@ per-token compute, save, load back with ``modular.load_model``.
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch  # noqa: E402
 
 from modular import ACMConfig, acmize, load_model  # noqa: E402
 from modular.acm import compute_stats, finetune_end_to_end, plot_stats, reset_stats, set_threshold  # noqa: E402
-from modular.corpora import minilm_sentence_embedding  # noqa: E402
+from modular.corpora import minilm_encode  # noqa: E402
 
 SENTENCES = [
     "The cat sat on the warm windowsill all afternoon.",
@@ -64,24 +63,19 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     model, tokenize = load(args.tiny)
-    dense = copy.deepcopy(model)  # the teacher for phase 3
     calibration = [tokenize(SENTENCES[i:i + 4]) for i in range(0, len(SENTENCES), 4)]
+    with torch.no_grad():  # phase 3's targets: the dense model's sentence embeddings, before acmize changes it
+        teacher = [(batch, minilm_encode(model, batch)) for batch in calibration] if args.e2e_steps else []
 
     # Phases 1 (distil every prefix of learners) and 2 (gates on the paper's labels), module by module.
     config = ACMConfig(num_learners=4, distill_steps=20 if args.tiny else 200, gate_steps=20 if args.tiny else 200)
     acmize(model, config, calibration)
 
     # Phase 3: 1 - cosine to the dense sentence embeddings + the budget penalty (config.budget_target).
-    def embedding(m, batch):
-        return minilm_sentence_embedding(m(**batch).last_hidden_state, batch["attention_mask"])
-
     if args.e2e_steps:
-        with torch.no_grad():
-            teacher = [(batch, embedding(dense, batch)) for batch in calibration]
-
         def one_minus_cosine(m, item):
             batch, target = item
-            return 1 - (embedding(m, batch) * target).sum(-1).mean()
+            return 1 - (minilm_encode(m, batch) * target).sum(-1).mean()
 
         history = finetune_end_to_end(model, teacher, one_minus_cosine, config, steps=args.e2e_steps, lr=1e-4)
         print(f"phase 3: 1 - cosine {history[0]['task']:.4f} -> {history[-1]['task']:.4f}")

@@ -18,8 +18,8 @@ import subprocess
 from pathlib import Path
 
 __all__ = [
-    "APT_LISTS", "GCIDE", "debian_package_descriptions", "gcide_entries", "gcide_paragraphs", "minilm_path",
-    "minilm_sentence_embedding",
+    "APT_LISTS", "GCIDE", "debian_package_descriptions", "gcide_entries", "gcide_paragraphs", "minilm_encode",
+    "minilm_path", "minilm_sentence_embedding",
 ]
 
 GCIDE = Path("/usr/share/dictd/gcide.dict.dz")
@@ -101,3 +101,9 @@ def minilm_sentence_embedding(hidden, attention_mask):
 
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
     return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1), dim=-1)
+
+
+def minilm_encode(model, batch: dict):
+    """Sentence embeddings of a tokenised ``batch`` (needs ``attention_mask``) by an encoder
+    returning ``last_hidden_state``: :func:`minilm_sentence_embedding` of its output."""
+    return minilm_sentence_embedding(model(**batch).last_hidden_state, batch["attention_mask"])

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import torch
 
-from modular.corpora import debian_package_descriptions, minilm_sentence_embedding
+from modular.corpora import debian_package_descriptions, minilm_encode, minilm_sentence_embedding
 
 STANZAS = {
     "a": "Package: tux-race\nVersion: 1\nSection: games\nDescription: 3D racing game\nTag: game::arcade\n",
@@ -25,6 +25,17 @@ def test_mean_over_unpadded_tokens_then_unit_length():
     # mean of the two real tokens = [2, 2] -> unit length [1/√2, 1/√2]
     expected = torch.tensor([[2 ** -0.5, 2 ** -0.5]])
     assert torch.allclose(minilm_sentence_embedding(hidden, mask), expected)
+
+
+def test_encode_pools_the_models_last_hidden_state():
+    hidden = torch.tensor([[[3.0, 0.0], [1.0, 4.0], [100.0, 100.0]]])
+    batch = {"input_ids": torch.tensor([[5, 6, 0]]), "attention_mask": torch.tensor([[1, 1, 0]])}
+
+    def model(input_ids, attention_mask):
+        assert torch.equal(input_ids, batch["input_ids"])
+        return type("Output", (), {"last_hidden_state": hidden})
+
+    assert torch.allclose(minilm_encode(model, batch), torch.tensor([[2 ** -0.5, 2 ** -0.5]]))
 
 
 def test_apt_index_stanzas_from_plain_gz_and_xz_files(tmp_path):
