@@ -27,12 +27,13 @@ interleaved layer by layer, ``--threads`` for both, one warm-up pass, median of 
 (the minima are reported too). Timed for all held-out tokens at once (the acceptance
 numbers) and for the same tokens in calls of each of ``--call-sizes`` tokens (a 64-sentence
 batch is about 1500): ``time_ratio_by_call_size`` and the plot ``time_vs_call_size.png``.
-At once, the dense FFN's (T, 1536) intermediate no longer fits the caches and its time varies
-by up to 40 % between processes; in batch-sized calls the dense FFN is faster per token and
-the ACM's per-group matmuls are small, so the ratio is worse there. Small matmuls also split
-badly over threads: ``--threads 1`` gives the ACM a better ratio than 2 threads.
-Other processes outside the lock share the cores; the ACM side makes many more, smaller
-kernel calls than the dense side, so it suffers more from such contention.
+At once, the dense FFN's (T, 1536) intermediates (72 MB each) are fresh pages from the OS on
+every call (glibc serves them by mmap): about 35 000 page faults per layer, part of its time.
+In batch-sized calls the dense FFN is faster per token and the ACM's learner matmuls are
+narrow (192 units) and short, so the ratio is worse there; small matmuls also split badly over
+threads (``--threads 1`` gives the ACM a better ratio than 2 threads). Other processes outside
+the lock share the cores; the ACM side makes many more, smaller kernel calls than the dense
+side, so it suffers more from such contention.
 
     flock /tmp/modular-bench.lock .venv/bin/python benchmarks/acm.py            # about 55 min on 2 cores
     flock /tmp/modular-bench.lock .venv/bin/python benchmarks/acm.py --reuse   # re-measure the saved model
@@ -71,7 +72,7 @@ from modular.acm import (  # noqa: E402
     set_threshold,
 )
 from modular.checkpoint import atomic_output_dir  # noqa: E402
-from modular.corpora import gcide_paragraphs, minilm_encode, minilm_path  # noqa: E402
+from modular.corpora import gcide_paragraphs, minilm_distillation_loss, minilm_encode, minilm_path  # noqa: E402
 
 OUT = Path(__file__).parent / "out" / "acm"
 
@@ -198,12 +199,7 @@ def phase_3(acm, dense, data: list[dict], config: ACMConfig, steps: int, lr: flo
     the budget penalty (:func:`modular.acm.finetune_end_to_end`; lr decays linearly to 0: a
     constant 3e-4 peaked near 100 steps and then got noisier in a probe)."""
     items = [(batch, embed(dense, [batch])) for batch in data]
-
-    def one_minus_cosine(model, item):
-        batch, target = item
-        return 1 - (minilm_encode(model, batch) * target).sum(-1).mean()
-
-    history = finetune_end_to_end(acm, items, one_minus_cosine, config, steps=steps, lr=lr)
+    history = finetune_end_to_end(acm, items, minilm_distillation_loss, config, steps=steps, lr=lr)
     for step in sorted({*range(0, steps, max(1, steps // 12)), steps - 1}):
         print(f"e2e step {step}: 1 - cos {history[step]['task']:.4f}, penalty {history[step]['penalty']:.3f}", flush=True)
 

@@ -203,13 +203,16 @@ class Evaluator:
         self.encoder, _ = load_encoder()
 
     def __call__(self, state: dict) -> dict[str, float]:
-        """Per-task and average accuracy; ``last_correct`` keeps the per-example outcomes (all tasks)."""
+        """Per-task and average accuracy."""
+        return self.with_outcomes(state)[0]
+
+    def with_outcomes(self, state: dict) -> tuple[dict[str, float], torch.Tensor]:
+        """Per-task and average accuracy, and the per-example outcomes (bool, all tasks' test sets in order)."""
         self.encoder.load_state_dict(state)
         correct = {n: correct_predictions(self.encoder, self.heads[n], self.tokenizer, t.test) for n, t in self.tasks.items()}
-        self.last_correct = torch.cat(list(correct.values()))
         accs = {n: c.float().mean().item() for n, c in correct.items()}
         accs["avg"] = sum(accs.values()) / len(self.tasks)
-        return accs
+        return accs, torch.cat(list(correct.values()))
 
     @torch.no_grad()
     def entropy_and_accuracy(self, state: dict, name: str) -> list[float]:
@@ -293,14 +296,15 @@ def main() -> None:
 
     params = dict(base.named_parameters())  # buffers (position ids) are not merged
     tvs = [TaskVector.from_models(params, {k: fts[n][k] for k in params}, label=n) for n in tasks]
+    ties = "TIES (k 0.2, mean, λ 1)"
     static = {
         "task arithmetic (λ 0.3)": merge("task_arithmetic", base_state, tvs, lambda_=0.3, progress=False),
-        "TIES (k 0.2, mean, λ 1)": merge("ties", base_state, tvs, density=0.2, combine="mean", progress=False),
+        ties: merge("ties", base_state, tvs, density=0.2, combine="mean", progress=False),
     }
+    static_correct = {}
     for label, state in static.items():
-        results[label] = evaluate(state)
+        results[label], static_correct[label] = evaluate.with_outcomes(state)
         show(label, results[label])
-    ties_correct = evaluate.last_correct
 
     sweep = {}
     if args.sweep:  # the paper's premise, per task: does entropy fall where accuracy rises?
@@ -341,9 +345,9 @@ def main() -> None:
             "entropy_first_last": [round(result.entropy[0], 4), round(result.entropy[-1], 4)],
         }
         print(f"{label}: {summaries[label]}", flush=True)
-        results[label] = evaluate(result.merge(base_state, progress=False))
+        results[label], correct = evaluate.with_outcomes(result.merge(base_state, progress=False))
         show(label, results[label])
-        summaries[label]["paired_vs_ties"] = mcnemar(evaluate.last_correct, ties_correct)
+        summaries[label]["paired_vs_ties"] = mcnemar(correct, static_correct[ties])
         print(f"{label} vs TIES, same test examples: {summaries[label]['paired_vs_ties']}", flush=True)
         tracks[label] = track
     _plot_table(results, list(tasks), OUT / f"accuracy{tag}.png")
@@ -351,7 +355,7 @@ def main() -> None:
     final = {
         "tasks": list(tasks),
         "task_arithmetic_avg": round(results["task arithmetic (λ 0.3)"]["avg"], 4),
-        "ties_avg": round(results["TIES (k 0.2, mean, λ 1)"]["avg"], 4),
+        "ties_avg": round(results[ties]["avg"], 4),
         "adamerging_taskwise_avg": round(results["AdaMerging task-wise"]["avg"], 4) if "AdaMerging task-wise" in results else None,
         "adamerging_layerwise_avg": round(results["AdaMerging layer-wise"]["avg"], 4) if "AdaMerging layer-wise" in results else None,
         **{f"adamerging_{key}_avg": round(results[label]["avg"], 4) for key, label in EXTRA_RUNS.items() if label in results},

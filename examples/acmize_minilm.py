@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 from modular import ACMConfig, acmize, load_model  # noqa: E402
 from modular.acm import compute_stats, finetune_end_to_end, plot_stats, reset_stats, set_threshold  # noqa: E402
-from modular.corpora import minilm_encode  # noqa: E402
+from modular.corpora import minilm_distillation_loss, minilm_encode  # noqa: E402
 
 SENTENCES = [
     "The cat sat on the warm windowsill all afternoon.",
@@ -73,11 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Phase 3: 1 - cosine to the dense sentence embeddings + the budget penalty (config.budget_target).
     if args.e2e_steps:
-        def one_minus_cosine(m, item):
-            batch, target = item
-            return 1 - (minilm_encode(m, batch) * target).sum(-1).mean()
-
-        history = finetune_end_to_end(model, teacher, one_minus_cosine, config, steps=args.e2e_steps, lr=1e-4)
+        history = finetune_end_to_end(model, teacher, minilm_distillation_loss, config, steps=args.e2e_steps, lr=1e-4)
         print(f"phase 3: 1 - cosine {history[0]['task']:.4f} -> {history[-1]['task']:.4f}")
 
     # The budget knob: no retraining, just a threshold on the gates' cumulative probabilities.

@@ -18,8 +18,8 @@ import subprocess
 from pathlib import Path
 
 __all__ = [
-    "APT_LISTS", "GCIDE", "debian_package_descriptions", "gcide_entries", "gcide_paragraphs", "minilm_encode",
-    "minilm_path", "minilm_sentence_embedding",
+    "APT_LISTS", "GCIDE", "debian_package_descriptions", "gcide_entries", "gcide_paragraphs", "minilm_distillation_loss",
+    "minilm_encode", "minilm_path", "minilm_sentence_embedding",
 ]
 
 GCIDE = Path("/usr/share/dictd/gcide.dict.dz")
@@ -107,3 +107,13 @@ def minilm_encode(model, batch: dict):
     """Sentence embeddings of a tokenised ``batch`` (needs ``attention_mask``) by an encoder
     returning ``last_hidden_state``: :func:`minilm_sentence_embedding` of its output."""
     return minilm_sentence_embedding(model(**batch).last_hidden_state, batch["attention_mask"])
+
+
+def minilm_distillation_loss(model, item: tuple):
+    """1 - mean cosine between ``model``'s sentence embeddings of a batch and a teacher's.
+
+    ``item``: ``(batch, teacher_embeddings)``, the latter from :func:`minilm_encode` (unit norm);
+    the ``task_loss`` that :func:`modular.acm.finetune_end_to_end` takes for phase 3.
+    """
+    batch, teacher = item
+    return 1 - (minilm_encode(model, batch) * teacher).sum(-1).mean()

@@ -1,8 +1,8 @@
 """The ACM module: N learners whose prefix sums refine a dense FFN's output, and a per-token gate.
 
 Learner i (0-based) owns hidden units ``[i*w, (i+1)*w)`` of fused weights, so "the first j
-learners" is always one contiguous row slice ``[:j*w]``: a group of tokens that needs j learners
-runs as one matmul per projection, whatever j is.
+learners" is always one contiguous row slice ``[:j*w]`` (training computes every prefix at once
+that way) and any run of consecutive learners is one slice too (inference runs them so).
 
 Shapes (T tokens, d model width, N learners of width w, k = j*w):
 
@@ -17,12 +17,36 @@ y_0 = 0: the module sits on a residual connection.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ACMGate", "ACMLayer", "choose_learners", "gate_labels"]
+__all__ = ["ACMGate", "ACMLayer", "choose_learners", "gate_labels", "inplace_activation"]
+
+_INPLACE_ACTIVATIONS = (
+    torch.ops.aten.gelu_,
+    lambda h: torch.ops.aten.gelu_(h, approximate="tanh"),
+    lambda h: F.silu(h, inplace=True),
+    torch.relu_,
+)
+
+
+def inplace_activation(act_fn: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The in-place twin of ``act_fn`` when it computes one of torch's GELU, tanh-GELU, SiLU or ReLU
+    exactly (told by its values on a probe, so the wrappers of every transformers version need no
+    table), else None.
+
+    Why: at inference on CPU a new activation buffer per learner block costs fresh pages from
+    the OS (page faults) more often than not; in place, the matmul's output is reused.
+    """
+    if any(True for _ in act_fn.parameters()):
+        return None
+    probe = torch.linspace(-6.0, 6.0, 97)
+    with torch.no_grad():
+        expected = act_fn(probe.clone())
+        return next((fn for fn in _INPLACE_ACTIVATIONS if torch.equal(fn(probe.clone()), expected)), None)
 
 
 def gate_labels(errors: torch.Tensor, factor: float) -> torch.Tensor:
@@ -54,8 +78,9 @@ def choose_learners(logits: torch.Tensor, threshold: float | None) -> torch.Tens
         return logits.argmax(-1)
     if threshold >= 1.0:
         return torch.full(logits.shape[:-1], num_learners, dtype=torch.long, device=logits.device)
-    below = logits.softmax(-1).cumsum(-1)[..., :num_learners] < threshold
-    return below.sum(-1)
+    weights = (logits - logits.amax(-1, keepdim=True)).exp_()  # softmax numerators: compare before dividing
+    cumulative = weights.cumsum(-1)
+    return (cumulative[..., :num_learners] < threshold * cumulative[..., -1:]).sum(-1)
 
 
 class ACMGate(nn.Module):
@@ -67,7 +92,9 @@ class ACMGate(nn.Module):
         self.net = nn.Sequential(nn.Linear(hidden_size, gate_hidden_size, **kw), nn.GELU(), nn.Linear(gate_hidden_size, num_learners + 1, **kw))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        first, act, last = self.net
+        h = first(x)
+        return last(act(h) if torch.is_grad_enabled() else torch.ops.aten.gelu_(h))  # in place: see inplace_activation
 
     def flops_per_token(self) -> int:
         return sum(2 * m.in_features * m.out_features for m in self.net if isinstance(m, nn.Linear))
@@ -108,6 +135,7 @@ class ACMLayer(nn.Module):
         self.threshold = threshold
         self.gumbel_tau = gumbel_tau
         self.act_fn = act_fn
+        self._act_inplace = inplace_activation(act_fn)
         kw = dict(dtype=dtype, device=device)
         units = num_learners * learner_width
         self.w_in = nn.Parameter(torch.empty(units, hidden_size, **kw))
@@ -147,28 +175,27 @@ class ACMLayer(nn.Module):
 
     # ------------------------------------------------------------------ learners
 
-    def _hidden(self, x: torch.Tensor, units: int) -> torch.Tensor:
-        b_in = None if self.b_in is None else self.b_in[:units]
-        h = self.act_fn(F.linear(x, self.w_in[:units], b_in))
+    def _hidden(self, x: torch.Tensor, units: slice) -> torch.Tensor:
+        """Hidden activations of the learner units ``units`` (a slice of the fused rows) for tokens x."""
+        b_in = None if self.b_in is None else self.b_in[units]
+        h = self._activate(F.linear(x, self.w_in[units], b_in))
         if self.gated:
-            h = h * F.linear(x, self.w_up[:units], None if self.b_up is None else self.b_up[:units])
+            up = F.linear(x, self.w_up[units], None if self.b_up is None else self.b_up[units])
+            h = h.mul_(up) if self._in_place_allowed() else h * up
         return h
 
-    def run_learners(self, x: torch.Tensor, j: int, *, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Output of the first ``j`` learners (j >= 1) for tokens x (T, d): one slice per projection.
+    def _in_place_allowed(self) -> bool:
+        return not torch.is_grad_enabled()  # autograd would need the overwritten values
 
-        ``out``: optional (T, d) contiguous buffer the result is written into (no extra copy).
-        """
-        units = j * self.learner_width
-        h = self._hidden(x, units)
-        if self.b_out is None:
-            return torch.mm(h, self.w_out[:units], out=out)
-        return torch.addmm(self.b_out[:j].sum(0), h, self.w_out[:units], out=out)
+    def _activate(self, h: torch.Tensor) -> torch.Tensor:
+        if self._act_inplace is not None and self._in_place_allowed():
+            return self._act_inplace(h)
+        return self.act_fn(h)
 
     def prefix_outputs(self, x: torch.Tensor) -> torch.Tensor:
         """All prefix sums at once: (T, d) -> (T, N + 1, d); entry j is the output with j learners."""
         n, w = self.num_learners, self.learner_width
-        h = self._hidden(x, n * w).view(-1, n, w)
+        h = self._hidden(x, slice(0, n * w)).view(-1, n, w)
         parts = torch.einsum("tnw,nwd->tnd", h, self.w_out.view(n, w, self.hidden_size))
         if self.b_out is not None:
             parts = parts + self.b_out
@@ -192,29 +219,40 @@ class ACMLayer(nn.Module):
         return torch.einsum("tj,tjd->td", straight_through, self.prefix_outputs(x))
 
     def run_chosen(self, x: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
-        """Run ``choice[t]`` learners for token t (T, d), grouped by choice; j = 0 tokens cost nothing.
+        """Run ``choice[t]`` learners for token t (T, d); j = 0 tokens cost nothing.
 
-        One sort, one gather of the tokens that run >= 1 learner, then per group j one matmul per
-        projection whose result is written straight into its rows of a sorted output buffer (no
-        concatenation, no zero fill beyond the j = 0 rows), and one scatter back into token order.
+        Learner-major: the tokens are sorted by j, descending, so those that need learner i (the
+        ones with j > i) are a prefix of the sorted rows. Each learner runs as one matmul per
+        projection over its prefix and adds into the sorted output in place, which starts at each
+        token's summed output biases; consecutive learners with equal prefixes run as one wider
+        matmul. One gather of the tokens that run >= 1 learner, one scatter back into token order.
+        Against one matmul per group of equal j, the matmuls are taller (a whole prefix, not one
+        group of a few hundred tokens in a batch-sized call), which keeps them efficient.
         """
         counts = torch.bincount(choice, minlength=self.num_learners + 1)
         self.choice_counts += counts
-        sizes = counts.tolist()
-        if sizes[0] == len(choice):
-            return x.new_zeros(x.shape[0], self.hidden_size)
-        order = torch.argsort(choice, stable=True)  # tokens by j; the first sizes[0] run nothing
-        xs = x.index_select(0, order[sizes[0]:])
-        ys = x.new_empty(x.shape[0], self.hidden_size)
-        ys[:sizes[0]].zero_()
-        start = sizes[0]
-        for j, size in enumerate(sizes[1:], start=1):
-            if size:
-                rows = ys[start:start + size]
-                group = xs[start - sizes[0]:start - sizes[0] + size]
-                if torch.is_grad_enabled():  # out= does not support autograd: copy into the rows instead
-                    rows.copy_(self.run_learners(group, j))
-                else:
-                    self.run_learners(group, j, out=rows)
-                start += size
+        rows = counts.flip(0).cumsum(0).flip(0)[1:].tolist()  # rows[i]: tokens with j > i, i.e. that run learner i
+        ordered, order = torch.sort(choice, descending=True, stable=True)
+        ys = self._summed_output_biases(ordered, x)
+        if rows[0] == 0:
+            return ys
+        xs = x.index_select(0, order[:rows[0]])
+        for units, prefix in self._learner_blocks(rows):
+            ys[:prefix].addmm_(self._hidden(xs[:prefix], units), self.w_out[units])
         return torch.empty_like(ys).index_copy_(0, order, ys)
+
+    def _summed_output_biases(self, choice: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """(T, d): for each token, the output biases of its first ``choice[t]`` learners, summed (zeros without biases)."""
+        if self.b_out is None:
+            return x.new_zeros(choice.shape[0], self.hidden_size)
+        return torch.cat([self.b_out.new_zeros(1, self.hidden_size), self.b_out.cumsum(0)]).index_select(0, choice)
+
+    def _learner_blocks(self, rows: list[int]):
+        """(fused units, prefix rows) for each run of consecutive learners with the same non-empty prefix."""
+        w, first = self.learner_width, 0
+        for i in range(1, self.num_learners + 1):
+            if i == self.num_learners or rows[i] != rows[first]:
+                if rows[first] == 0:
+                    return
+                yield slice(first * w, i * w), rows[first]
+                first = i

@@ -19,6 +19,7 @@ from modular.acm import (
     set_threshold,
 )
 from modular.acm.convert import distillation_loss
+from modular.acm.layer import inplace_activation
 from modular.registry import UnknownArchitectureError
 from modular.surgery import InjectionError, injection_records
 
@@ -45,8 +46,9 @@ def test_prefix_sums_by_hand():
     # learner 2: h = 2*2 - 1 = 3   -> 3*[3, -1] + [0, 10] = [9, 7]
     expected = torch.tensor([[[0.0, 0.0], [2.5, 1.5], [11.5, 8.5]]])
     assert torch.allclose(layer.prefix_outputs(x), expected)
-    assert torch.allclose(layer.run_learners(x, 1), expected[:, 1])
-    assert torch.allclose(layer.run_learners(x, 2), expected[:, 2])
+    # the inference path, one token per choice: 0 learners, 1, 2
+    with torch.no_grad():
+        assert torch.allclose(layer.run_chosen(x.repeat(3, 1), torch.tensor([2, 0, 1])), expected[0, [2, 0, 1]])
 
 
 def test_gated_prefix_sums_by_hand():
@@ -101,15 +103,45 @@ def test_skipped_learners_are_never_computed():
     assert torch.isfinite(out[choice < 4]).all() and torch.isnan(out[choice == 4]).all()
     assert torch.allclose(out[choice < 4], expected[choice < 4], atol=1e-6)
     assert layer.choice_counts.tolist() == [2, 4, 3, 2, 1]
-    with torch.no_grad():  # inference path: groups are written straight into the output buffer
+    kept = choice < 4  # gradients through the in-place accumulation match those of the all-prefix path
+    weight_grads = [torch.autograd.grad(y[kept].square().sum(), (layer.w_in, layer.w_out, layer.b_out))
+                    for y in (out, layer.prefix_outputs(x)[torch.arange(12), choice])]
+    assert all(torch.allclose(a[:12].nan_to_num(), b[:12].nan_to_num(), atol=1e-5) for a, b in zip(*weight_grads))
+    with torch.no_grad():
         fast = layer.run_chosen(x, choice)
     assert torch.equal(torch.isnan(fast), torch.isnan(out)) and torch.allclose(fast[choice < 4], expected[choice < 4], atol=1e-6)
     assert (fast[choice == 0] == 0).all()
     # the learner matmuls see exactly sum_j j * count_j learner-rows: count them
     seen = []
-    layer._hidden = lambda xs, units, f=layer._hidden: (seen.append(xs.shape[0] * units), f(xs, units))[1]
+    layer._hidden = lambda xs, units, f=layer._hidden: (seen.append((xs.shape[0], units.stop - units.start)), f(xs, units))[1]
     layer.run_chosen(x, choice)
-    assert sum(seen) == (4 * 1 + 3 * 2 + 2 * 3 + 1 * 4) * 4
+    assert sum(r * u for r, u in seen) == (4 * 1 + 3 * 2 + 2 * 3 + 1 * 4) * 4
+    assert seen == [(10, 4), (6, 4), (3, 4), (1, 4)]  # learner i over the tokens with j > i
+    # no token stops after learner 1 or 3: learners 1-2 and 3-4 share their tokens, one matmul each
+    seen.clear()
+    gapped = torch.tensor([0, 2, 2, 4, 4, 2, 0, 4, 2, 2, 4, 2])
+    out = layer.run_chosen(x, gapped)
+    assert seen == [(10, 8), (4, 8)]
+    assert torch.allclose(out[gapped < 4], layer.prefix_outputs(x)[torch.arange(12), gapped][gapped < 4], atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["gelu", "gelu_pytorch_tanh", "silu", "relu"])
+def test_inplace_activation_matches_the_models_activation(name):
+    from transformers.activations import ACT2FN
+
+    x = torch.randn(64, 8) * 4
+    in_place = inplace_activation(ACT2FN[name])
+    h = x.clone()
+    assert in_place(h) is h and torch.equal(h, ACT2FN[name](x))
+
+
+def test_inplace_activation_declines_what_it_cannot_match():
+    class QuickGelu(nn.Module):
+        def forward(self, x):
+            return x * torch.sigmoid(1.702 * x)
+
+    assert inplace_activation(QuickGelu()) is None
+    assert inplace_activation(nn.PReLU()) is None  # learned parameters: not a fixed function
 
 
 def _calib(ids, n=3):

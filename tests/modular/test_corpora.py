@@ -9,7 +9,12 @@ import subprocess
 import pytest
 import torch
 
-from modular.corpora import debian_package_descriptions, minilm_encode, minilm_sentence_embedding
+from modular.corpora import (
+    debian_package_descriptions,
+    minilm_distillation_loss,
+    minilm_encode,
+    minilm_sentence_embedding,
+)
 
 STANZAS = {
     "a": "Package: tux-race\nVersion: 1\nSection: games\nDescription: 3D racing game\nTag: game::arcade\n",
@@ -36,6 +41,10 @@ def test_encode_pools_the_models_last_hidden_state():
         return type("Output", (), {"last_hidden_state": hidden})
 
     assert torch.allclose(minilm_encode(model, batch), torch.tensor([[2 ** -0.5, 2 ** -0.5]]))
+    # the student's embedding [1/√2, 1/√2] against teachers [1, 0] (cos 1/√2) and itself (cos 1)
+    teacher = torch.tensor([[1.0, 0.0]])
+    assert minilm_distillation_loss(model, (batch, teacher)).item() == pytest.approx(1 - 2 ** -0.5)
+    assert minilm_distillation_loss(model, (batch, minilm_encode(model, batch))).item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_apt_index_stanzas_from_plain_gz_and_xz_files(tmp_path):
