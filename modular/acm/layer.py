@@ -104,7 +104,7 @@ class ACMLayer(nn.Module):
     """Adaptive Computation Module replacing one dense FFN (input and output width ``hidden_size``).
 
     ``eval()``: the gate picks j per token (see :func:`choose_learners` and ``threshold``),
-    tokens are grouped by j and each group runs only its first j learners; the counts of
+    and each token runs only its first j learners (:meth:`run_chosen`); the counts of
     choices accumulate in ``choice_counts`` (see :mod:`modular.acm.stats`).
     ``train()``: every prefix is computed and mixed by a straight-through Gumbel-softmax
     one-hot, so the task gradient reaches the gate; ``expected_compute`` (fraction of learners,
