@@ -25,12 +25,25 @@ from torch import nn
 
 __all__ = ["ACMGate", "ACMLayer", "choose_learners", "gate_labels", "inplace_activation"]
 
-_INPLACE_ACTIVATIONS = (
-    torch.ops.aten.gelu_,
-    lambda h: torch.ops.aten.gelu_(h, approximate="tanh"),
-    lambda h: F.silu(h, inplace=True),
-    torch.relu_,
-)
+
+# In-place activations as plain module functions, so that modules holding one still pickle.
+def _gelu_(h: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten.gelu_(h)
+
+
+def _gelu_tanh_(h: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten.gelu_(h, approximate="tanh")
+
+
+def _silu_(h: torch.Tensor) -> torch.Tensor:
+    return F.silu(h, inplace=True)
+
+
+def _relu_(h: torch.Tensor) -> torch.Tensor:
+    return h.relu_()
+
+
+_INPLACE_ACTIVATIONS = (_gelu_, _gelu_tanh_, _silu_, _relu_)
 
 
 def inplace_activation(act_fn: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -47,6 +60,15 @@ def inplace_activation(act_fn: nn.Module) -> Callable[[torch.Tensor], torch.Tens
     with torch.no_grad():
         expected = act_fn(probe.clone())
         return next((fn for fn in _INPLACE_ACTIVATIONS if torch.equal(fn(probe.clone()), expected)), None)
+
+
+def _in_place_allowed() -> bool:
+    return not torch.is_grad_enabled()  # autograd would need the overwritten values
+
+
+def _activate(act_fn: nn.Module, in_place: Callable[[torch.Tensor], torch.Tensor] | None, h: torch.Tensor) -> torch.Tensor:
+    """``act_fn(h)``, through its in-place twin (:func:`inplace_activation`) when there is one and autograd is off."""
+    return in_place(h) if in_place is not None and _in_place_allowed() else act_fn(h)
 
 
 def gate_labels(errors: torch.Tensor, factor: float) -> torch.Tensor:
@@ -90,11 +112,11 @@ class ACMGate(nn.Module):
         super().__init__()
         kw = dict(dtype=dtype, device=device)
         self.net = nn.Sequential(nn.Linear(hidden_size, gate_hidden_size, **kw), nn.GELU(), nn.Linear(gate_hidden_size, num_learners + 1, **kw))
+        self._act_inplace = inplace_activation(self.net[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         first, act, last = self.net
-        h = first(x)
-        return last(act(h) if torch.is_grad_enabled() else torch.ops.aten.gelu_(h))  # in place: see inplace_activation
+        return last(_activate(act, self._act_inplace, first(x)))
 
     def flops_per_token(self) -> int:
         return sum(2 * m.in_features * m.out_features for m in self.net if isinstance(m, nn.Linear))
@@ -178,19 +200,11 @@ class ACMLayer(nn.Module):
     def _hidden(self, x: torch.Tensor, units: slice) -> torch.Tensor:
         """Hidden activations of the learner units ``units`` (a slice of the fused rows) for tokens x."""
         b_in = None if self.b_in is None else self.b_in[units]
-        h = self._activate(F.linear(x, self.w_in[units], b_in))
+        h = _activate(self.act_fn, self._act_inplace, F.linear(x, self.w_in[units], b_in))
         if self.gated:
             up = F.linear(x, self.w_up[units], None if self.b_up is None else self.b_up[units])
-            h = h.mul_(up) if self._in_place_allowed() else h * up
+            h = h.mul_(up) if _in_place_allowed() else h * up
         return h
-
-    def _in_place_allowed(self) -> bool:
-        return not torch.is_grad_enabled()  # autograd would need the overwritten values
-
-    def _activate(self, h: torch.Tensor) -> torch.Tensor:
-        if self._act_inplace is not None and self._in_place_allowed():
-            return self._act_inplace(h)
-        return self.act_fn(h)
 
     def prefix_outputs(self, x: torch.Tensor) -> torch.Tensor:
         """All prefix sums at once: (T, d) -> (T, N + 1, d); entry j is the output with j learners."""

@@ -1,5 +1,8 @@
 """ACM: prefix sums, gate labels, real skipping, the threshold knob, conversion, save/load, bad input."""
 
+import copy
+import io
+
 import pytest
 import torch
 from torch import nn
@@ -133,6 +136,19 @@ def test_inplace_activation_matches_the_models_activation(name):
     in_place = inplace_activation(ACT2FN[name])
     h = x.clone()
     assert in_place(h) is h and torch.equal(h, ACT2FN[name](x))
+
+
+def test_layers_with_in_place_activations_still_pickle_and_copy():
+    layer = ACMLayer(8, 2, 4, nn.SiLU(), gated=True, bias_in=False, bias_out=False, gate_hidden_size=4,
+                     dense_intermediate_size=8).eval()
+    x = torch.randn(5, 8)
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    with torch.no_grad():
+        expected = layer(x)
+        assert torch.equal(torch.load(buffer, weights_only=False)(x), expected)
+        assert torch.equal(copy.deepcopy(layer)(x), expected)
 
 
 def test_inplace_activation_declines_what_it_cannot_match():
