@@ -1,8 +1,9 @@
 # One virtual environment for everything. torch comes first, from the pinned CPU wheel:
-# an unpinned requirement would pull a multi-GB CUDA build (DESIGN.md).
+# an unpinned requirement would pull a multi-GB CUDA build (docs/architecture.md, "Installing").
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.modular-installed
+GCIDE := /usr/share/dictd/gcide.dict.dz
 
 .PHONY: setup test lint demo
 setup: $(STAMP)
@@ -11,8 +12,12 @@ $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0 setuptools wheel
-	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation -e '.[deepspeed,dev]'
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation -e '.[all,bench,dev]'
 	touch $@
+
+# The demo's real text: the GCIDE dictionary, Debian package dict-gcide.
+$(GCIDE):
+	apt-get install -y -q dict-gcide || sudo apt-get install -y -q dict-gcide
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
@@ -20,5 +25,5 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check modular moe merging finetune tests benchmarks examples
 
-demo: setup
+demo: setup $(GCIDE)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/modular demo

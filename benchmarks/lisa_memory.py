@@ -44,8 +44,8 @@ OUT = Path(__file__).parent / "out" / "lisa_memory"
 
 
 def gcide_text(max_chars: int) -> str:
-    """The first ``max_chars`` characters of GCIDE entry bodies (:func:`modular.corpora.gcide_paragraphs`)."""
-    from modular.corpora import gcide_paragraphs
+    """The first ``max_chars`` characters of GCIDE entry bodies (:func:`modular.app.corpora.gcide_paragraphs`)."""
+    from modular.app.corpora import gcide_paragraphs
 
     return " ".join(gcide_paragraphs())[:max_chars]
 
@@ -53,7 +53,7 @@ def gcide_text(max_chars: int) -> str:
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from modular.corpora import minilm_path
+    from modular.app.minilm import minilm_path
 
     return AutoTokenizer.from_pretrained(minilm_path())
 
@@ -144,10 +144,9 @@ def worker(args) -> dict:
 
 
 def plot(results: dict) -> Path:
-    import matplotlib
+    from modular.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     names = [m for m in METHODS if m in results]

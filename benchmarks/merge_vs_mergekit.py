@@ -48,7 +48,7 @@ def build_models() -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from merging.streaming import CheckpointSource, ShardedWriter
+    from modular.checkpoint import SafetensorsCheckpoint, ShardedWriter
 
     stamp = MODELS / "done.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == CONFIG:
@@ -61,7 +61,7 @@ def build_models() -> None:
     base = LlamaForCausalLM(LlamaConfig(**CONFIG))
     base.save_pretrained(MODELS / "base", max_shard_size=SHARD_BYTES)
     del base
-    source = CheckpointSource(MODELS / "base")
+    source = SafetensorsCheckpoint(MODELS / "base")
     for k in range(N_MODELS):
         print(f"writing fine-tuned model {k} ...", flush=True)
         folder = MODELS / f"ft{k}"
@@ -119,9 +119,9 @@ def max_abs_diff(a: Path, b: Path) -> float:
     from modular.checkpoint import SafetensorsCheckpoint
 
     ca, cb = SafetensorsCheckpoint(a), SafetensorsCheckpoint(b)
-    if set(ca.keys()) != set(cb.keys()):
+    if set(ca.names()) != set(cb.names()):
         raise SystemExit(f"tensor names differ between {a} and {b}")
-    return max((ca.get(n) - cb.get(n)).abs().max().item() for n in ca.keys())
+    return max((ca.get(n) - cb.get(n)).abs().max().item() for n in ca.names())
 
 
 def main() -> None:

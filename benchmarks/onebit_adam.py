@@ -1,7 +1,7 @@
 """1-bit Adam vs AdamW: bytes on the wire and convergence, 2 gloo processes on CPU.
 
 A small llama (byte-level vocabulary) is trained on real English text — paragraphs of the GCIDE
-dictionary (Debian package ``dict-gcide``, read by :mod:`modular.corpora`; no network) — twice, from the
+dictionary (Debian package ``dict-gcide``, read by :mod:`modular.app.corpora`; no network) — twice, from the
 same pretrained base, with the same seeds, data, steps and lr schedule:
 
 * **AdamW**: gradients averaged by an fp32 all-reduce (what DDP does), then ``torch.optim.AdamW``;
@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from modular.corpora import gcide_paragraphs
+from modular.app.corpora import gcide_paragraphs
 
 OUT = Path(__file__).parent / "out" / "onebit_adam"
 
@@ -146,10 +146,9 @@ def evaluate_base(state: dict, eval_batches) -> float:
 
 
 def plot(results: dict, freeze_step: int, path: Path) -> None:
-    import matplotlib
+    from modular.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for method, style in (("adamw", "-"), ("onebit", "--")):

@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 from modular import ACMConfig, acmize, load_model  # noqa: E402
 from modular.acm import compute_stats, finetune_end_to_end, plot_stats, reset_stats, set_threshold  # noqa: E402
-from modular.corpora import minilm_distillation_loss, minilm_encode  # noqa: E402
+from modular.app.minilm import minilm_distillation_loss, minilm_encode  # noqa: E402
 
 SENTENCES = [
     "The cat sat on the warm windowsill all afternoon.",
@@ -47,7 +47,7 @@ def load(tiny: bool):
         return tiny_model("bert"), tokenize
     from transformers import AutoModel, AutoTokenizer
 
-    from modular.corpora import minilm_path
+    from modular.app.minilm import minilm_path
 
     path = minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(path)

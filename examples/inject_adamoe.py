@@ -59,4 +59,4 @@ loaded = load_model(OUT / "model")
 with torch.no_grad():
     assert torch.allclose(loaded(ids).logits, expected, atol=1e-6)
 print("save -> modular.load_model: same logits")
-subprocess.run([sys.executable, "-m", "modular.cli", "moe-stats", str(OUT / "model")], check=True)
+subprocess.run([sys.executable, "-m", "modular.app.cli", "moe-stats", str(OUT / "model")], check=True)

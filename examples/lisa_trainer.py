@@ -21,7 +21,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from finetune import LisaCallback, deepspeed_config_path
-from finetune.deepspeed_configs import cpu_deepspeed_state
+from finetune.launch import cpu_deepspeed_state
 from modular import load_model
 from modular.testing import tiny_model
 

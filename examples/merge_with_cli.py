@@ -39,7 +39,7 @@ config["base_model"] = str(OUT / "base")
 for entry in config["models"]:
     entry["model"] = str(OUT / Path(entry["model"]).name)
 (OUT / "merge.yaml").write_text(yaml.safe_dump(config))
-subprocess.run([sys.executable, "-m", "modular.cli", "merge", str(OUT / "merge.yaml"), "--out", str(OUT / "ties"), "--force", "--no-progress"],
+subprocess.run([sys.executable, "-m", "modular.app.cli", "merge", str(OUT / "merge.yaml"), "--out", str(OUT / "ties"), "--force", "--no-progress"],
                check=True)
 
 # 3. the same from Python: task vectors are read tensor by tensor, nothing is loaded whole

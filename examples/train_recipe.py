@@ -11,10 +11,9 @@ import argparse
 import json
 from pathlib import Path
 
-from finetune.recipe import load_recipe
-from finetune.train import run_recipe
-from modular.corpora import gcide_paragraphs
-from modular.testing import tiny_tokenizer
+from modular.app.corpora import gcide_paragraphs, train_tokenizer
+from modular.app.recipe import load_recipe
+from modular.app.train import run_recipe
 
 RECIPE = Path(__file__).parent / "recipes" / "adamoe_lisa_onebit.yaml"
 
@@ -26,7 +25,7 @@ def prepare(data_dir: Path, paragraphs: list[str], vocab_size: int) -> None:
     held_out = paragraphs[::10]
     for name, rows in (("train", train), ("eval", held_out)):
         (data_dir / f"{name}.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in rows))
-    tiny_tokenizer(train, vocab_size=vocab_size).save_pretrained(data_dir / "tokenizer")
+    train_tokenizer(train, vocab_size=vocab_size).save_pretrained(data_dir / "tokenizer")
 
 
 def main() -> None:

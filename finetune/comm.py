@@ -37,12 +37,11 @@ raises, since silently training unsynchronised replicas would be wrong.
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["CommStats", "Communicator", "close_process_group", "pack_signs", "unpack_signs", "skip_host_allreduce", "local_gradients_hook"]
+__all__ = ["CommStats", "Communicator", "local_gradients_hook", "pack_signs", "skip_host_allreduce", "unpack_signs"]
 
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 
@@ -214,24 +213,3 @@ def skip_host_allreduce(wrapped) -> None:
         wrapped.enable_backward_allreduce = False
     else:
         raise TypeError(f"expected a DistributedDataParallel module or a DeepSpeed engine, got {type(wrapped).__name__}")
-
-
-def close_process_group() -> None:
-    """Let the ranks leave together and close gloo cleanly. A process that exits with its group
-    still alive can abort in gloo's destructor ("terminate called without an active exception")."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        _remove_deepspeed_shm_buffer(dist.get_rank())
-        dist.destroy_process_group()
-
-
-def deepspeed_shm_buffer(rank: int) -> Path:
-    """The shared-memory file DeepSpeed's CPU all-reduce (``ops/csrc/cpu/comm/shm.cpp``) creates for ``rank``."""
-    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}_{rank}"
-    return Path("/dev/shm") / name
-
-
-def _remove_deepspeed_shm_buffer(rank: int) -> None:
-    # DeepSpeed never unlinks it: ~70 MB of RAM per rank and run stay in /dev/shm until reboot.
-    # Every rank mapped the others' buffers during init, so after the barrier the name is unused.
-    deepspeed_shm_buffer(rank).unlink(missing_ok=True)

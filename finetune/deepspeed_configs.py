@@ -11,8 +11,9 @@ import json
 from importlib.resources import files
 from pathlib import Path
 
+__all__ = ["deepspeed_config", "deepspeed_config_names", "deepspeed_config_path"]
+
 _CONFIGS = files("finetune").joinpath("configs")
-ZERO_STAGES = (0, 1, 2, 3)
 
 
 def deepspeed_config_names() -> list[str]:
@@ -27,21 +28,6 @@ def deepspeed_config_path(name: str) -> str:
     if stem not in deepspeed_config_names():
         raise KeyError(f"unknown DeepSpeed config {name!r}; packaged: {', '.join(deepspeed_config_names())}")
     return str(_CONFIGS.joinpath(f"{stem}.json"))
-
-
-def validate_deepspeed_config(config: dict, name: str = "config") -> None:
-    """Check what the project relies on: a known ZeRO stage, fp32 communication, and a
-    ``zero_optimization`` block DeepSpeed's own schema accepts (typos raise)."""
-    zero = config.get("zero_optimization")
-    if not isinstance(zero, dict) or zero.get("stage") not in ZERO_STAGES:
-        raise ValueError(f"{name}: zero_optimization.stage must be one of {ZERO_STAGES}, got {zero!r}")
-    if config.get("communication_data_type", "fp32") != "fp32":
-        raise ValueError(f"{name}: communication_data_type must be 'fp32' (gloo on CPU), got {config['communication_data_type']!r}")
-    try:
-        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
-    except ImportError as err:
-        raise ImportError("validating DeepSpeed configs needs deepspeed: pip install 'modular-llm[deepspeed]'") from err
-    DeepSpeedZeroConfig(**zero)
 
 
 def deepspeed_config(name: str, **fill) -> dict:
@@ -60,22 +46,3 @@ def deepspeed_config(name: str, **fill) -> dict:
     if left:
         raise ValueError(f"{name}: fill the 'auto' entries {left} for a raw deepspeed.initialize")
     return config
-
-
-def cpu_deepspeed_state():
-    """Set up accelerate's process state for a ``deepspeed``-launched run on CPU (gloo).
-
-    Without CUDA, ``TrainingArguments(deepspeed=...)`` lets accelerate pick no backend, so it
-    records ``num_processes=1`` on every rank: each rank then loads *all* batches and DeepSpeed's
-    batch-size check fails (read in accelerate's ``state.py``; ``use_cpu=True`` instead drops
-    DeepSpeed). Call this first in the training script and pass
-    ``accelerator_config={"use_configured_state": True}`` to ``TrainingArguments``: the state
-    then has backend gloo, the launcher's world size and ``DistributedType.DEEPSPEED``.
-    Returns the ``accelerate.PartialState``.
-    """
-    import os
-
-    from accelerate import PartialState
-
-    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # what `accelerate launch --use_deepspeed` sets
-    return PartialState(backend="gloo")

@@ -3,7 +3,7 @@
 Embeddings and LM head train always (configurable); of the L decoder layers only γ, sampled
 uniformly without replacement, train during each period of K optimizer steps.
 
-How the known pitfalls (DESIGN.md) are avoided:
+How the known pitfalls of public implementations (``docs/methods.md``, "LISA") are avoided:
 
 * **Layers frozen before the optimizer is built never train.** The callback changes nothing
   before ``on_train_begin``, which ``Trainer`` calls after it (or ``deepspeed.initialize``) has
@@ -39,7 +39,7 @@ How the known pitfalls (DESIGN.md) are avoided:
 Multi-process: checked with 2 gloo processes under ``torchrun`` (DDP; Trainer's default
 ``ddp_find_unused_parameters`` lets DDP skip the frozen layers' missing gradients) and under
 ``deepspeed --num_gpus 2`` with ZeRO-0/1/2. On CPU, a DeepSpeed run needs
-:func:`finetune.deepspeed_configs.cpu_deepspeed_state` so that ranks really split the data.
+:func:`finetune.launch.cpu_deepspeed_state` so that ranks really split the data.
 
 Parameters outside the blocks and embeddings (final norm) follow ``train_head``. With tied
 embeddings the head *is* the embedding, so ``train_embeddings`` and ``train_head`` must agree.
@@ -51,6 +51,7 @@ import json
 import logging
 import os
 import random
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -61,6 +62,8 @@ from modular.registry import architecture_of
 logger = logging.getLogger(__name__)
 
 SCHEDULE_FILE = "lisa_schedule.json"
+
+__all__ = ["LisaCallback", "LisaConfig", "release_optimizer_state", "sample_active_layers"]
 
 
 def sample_active_layers(seed: int, period: int, num_layers: int, num_active: int) -> list[int]:
@@ -115,16 +118,11 @@ def check_all_layers_in_optimizer(optimizer, layer_params: list[list[nn.Paramete
                          "(requires_grad=False) before it was built; leave them trainable, LisaCallback freezes them")
 
 
-def optimizer_state_bytes(optimizer) -> int:
-    """Bytes held by tensors in the (innermost) optimizer's ``state``."""
-    state = _innermost_optimizer(optimizer).state
-    return sum(t.numel() * t.element_size() for s in state.values() for t in s.values() if torch.is_tensor(t))
+@dataclass
+class LisaConfig:
+    """LISA's settings (the ``lisa:`` section of a ``modular train`` recipe).
 
-
-class LisaCallback(TrainerCallback):
-    """Train embeddings, head and ``num_active_layers`` sampled decoder layers per period.
-
-    Args:
+    Attributes:
         num_active_layers: γ, decoder layers trained per period (1 ≤ γ ≤ L).
         interval_steps: K, optimizer steps per period (≥ 1).
         train_embeddings: train the input embedding tables in every period.
@@ -132,24 +130,35 @@ class LisaCallback(TrainerCallback):
         seed: seeds the per-period sampling; the same on all ranks.
         schedule_file: JSON written to ``args.output_dir`` by the main process (list of periods
             with their first step and active layer indices), for reports to plot.
+    """
+
+    num_active_layers: int = 2
+    interval_steps: int = 20
+    train_embeddings: bool = True
+    train_head: bool = True
+    seed: int = 0
+    schedule_file: str = SCHEDULE_FILE
+
+    def __post_init__(self) -> None:
+        for name in ("num_active_layers", "interval_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"LisaConfig.{name} must be an int >= 1, got {value!r}")
+
+
+class LisaCallback(TrainerCallback):
+    """Train embeddings, head and ``num_active_layers`` sampled decoder layers per period.
+
+    ``LisaCallback(LisaConfig(...))`` or ``LisaCallback(num_active_layers=2, interval_steps=20)``
+    (the fields of :class:`LisaConfig`).
 
     Attributes:
         active_layers: indices of the layers training in the current period.
         schedule: ``[{"period", "start_step", "layers"}]`` for every period reached so far.
     """
 
-    def __init__(self, num_active_layers: int = 2, interval_steps: int = 20, train_embeddings: bool = True,
-                 train_head: bool = True, seed: int = 0, schedule_file: str = SCHEDULE_FILE):
-        if not isinstance(num_active_layers, int) or num_active_layers < 1:
-            raise ValueError(f"num_active_layers must be an int >= 1, got {num_active_layers!r}")
-        if not isinstance(interval_steps, int) or interval_steps < 1:
-            raise ValueError(f"interval_steps must be an int >= 1, got {interval_steps!r}")
-        self.num_active_layers = num_active_layers
-        self.interval_steps = interval_steps
-        self.train_embeddings = train_embeddings
-        self.train_head = train_head
-        self.seed = seed
-        self.schedule_file = schedule_file
+    def __init__(self, config: LisaConfig | None = None, /, **settings):
+        self.config = config or LisaConfig(**settings)
         self.active_layers: list[int] = []
         self.schedule: list[dict] = []
         self._period: int | None = None
@@ -158,11 +167,11 @@ class LisaCallback(TrainerCallback):
     def _partition(self, model: nn.Module) -> None:
         """Split ``model``'s parameters into per-layer lists and the always-on / always-off rest."""
         arch = architecture_of(model)
-        if arch.embeddings_tied and self.train_embeddings != self.train_head:
+        if arch.embeddings_tied and self.config.train_embeddings != self.config.train_head:
             raise ValueError("embeddings are tied to the head: train_embeddings and train_head must agree "
-                             f"(got train_embeddings={self.train_embeddings}, train_head={self.train_head})")
-        if self.num_active_layers > arch.num_layers:
-            raise ValueError(f"num_active_layers={self.num_active_layers} exceeds the model's {arch.num_layers} layers")
+                             f"(got train_embeddings={self.config.train_embeddings}, train_head={self.config.train_head})")
+        if self.config.num_active_layers > arch.num_layers:
+            raise ValueError(f"num_active_layers={self.config.num_active_layers} exceeds the model's {arch.num_layers} layers")
         self.num_layers = arch.num_layers
         self.layer_params: list[list[nn.Parameter]] = [[] for _ in range(arch.num_layers)]
         self.fixed_params: list[tuple[nn.Parameter, bool]] = []  # (param, trains in every period)
@@ -171,11 +180,11 @@ class LisaCallback(TrainerCallback):
             if role.startswith("layers."):
                 self.layer_params[int(role.split(".")[1])].append(params[name])
             else:
-                self.fixed_params.append((params[name], self.train_embeddings if role == "embeddings" else self.train_head))
+                self.fixed_params.append((params[name], self.config.train_embeddings if role == "embeddings" else self.config.train_head))
 
     # -- switching -------------------------------------------------------------------------
     def _activate(self, period: int, optimizer, fresh_period: bool, is_main: bool) -> None:
-        self.active_layers = sample_active_layers(self.seed, period, self.num_layers, self.num_active_layers)
+        self.active_layers = sample_active_layers(self.config.seed, period, self.num_layers, self.config.num_active_layers)
         active = set(self.active_layers)
         for i, params in enumerate(self.layer_params):
             for p in params:
@@ -188,17 +197,17 @@ class LisaCallback(TrainerCallback):
         if optimizer is not None:
             release_optimizer_state(optimizer, released)
         self._period = period
-        start = period * self.interval_steps
+        start = period * self.config.interval_steps
         self.schedule = [s for s in self.schedule if s["period"] < period]
         self.schedule.append({"period": period, "start_step": start, "layers": self.active_layers})
         if is_main:
             logger.info("LISA period %d (steps %d-%d): active layers %s", period, start,
-                        start + self.interval_steps - 1, self.active_layers)
+                        start + self.config.interval_steps - 1, self.active_layers)
 
     def _rebuild_schedule(self, period: int) -> None:
         """Schedule of the periods before ``period`` (derived, so a resumed run reports the full history)."""
-        self.schedule = [{"period": q, "start_step": q * self.interval_steps,
-                          "layers": sample_active_layers(self.seed, q, self.num_layers, self.num_active_layers)}
+        self.schedule = [{"period": q, "start_step": q * self.config.interval_steps,
+                          "layers": sample_active_layers(self.config.seed, q, self.num_layers, self.config.num_active_layers)}
                          for q in range(period)]
 
     # -- Trainer hooks ---------------------------------------------------------------------
@@ -216,12 +225,12 @@ class LisaCallback(TrainerCallback):
             p.requires_grad_(trains)
             if not trains:
                 p.grad = None
-        period = state.global_step // self.interval_steps
+        period = state.global_step // self.config.interval_steps
         self._rebuild_schedule(period)
-        self._activate(period, optimizer, state.global_step % self.interval_steps == 0, state.is_world_process_zero)
+        self._activate(period, optimizer, state.global_step % self.config.interval_steps == 0, state.is_world_process_zero)
 
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
-        period = state.global_step // self.interval_steps
+        period = state.global_step // self.config.interval_steps
         if period != self._period:
             self._activate(period, optimizer, True, state.is_world_process_zero)
 
@@ -236,8 +245,8 @@ class LisaCallback(TrainerCallback):
         if not state.is_world_process_zero:
             return
         os.makedirs(output_dir, exist_ok=True)
-        doc = {"num_layers": self.num_layers, "num_active_layers": self.num_active_layers,
-               "interval_steps": self.interval_steps, "seed": self.seed, "global_step": state.global_step,
-               "train_embeddings": self.train_embeddings, "train_head": self.train_head, "periods": self.schedule}
-        with open(os.path.join(output_dir, self.schedule_file), "w") as f:
+        doc = {"num_layers": self.num_layers, "num_active_layers": self.config.num_active_layers,
+               "interval_steps": self.config.interval_steps, "seed": self.config.seed, "global_step": state.global_step,
+               "train_embeddings": self.config.train_embeddings, "train_head": self.config.train_head, "periods": self.schedule}
+        with open(os.path.join(output_dir, self.config.schedule_file), "w") as f:
             json.dump(doc, f, indent=1)

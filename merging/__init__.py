@@ -1,39 +1,41 @@
-"""merging: task vectors, TIES / DARE / task arithmetic, AdaMerging, streamed tensor by tensor.
+"""merging: task vectors, merge methods (task arithmetic, TIES, DARE...), AdaMerging, streamed
+tensor by tensor.
 
 >>> from merging import TaskVector, merge
 >>> tvs = [TaskVector.from_models("base/", f"ft{i}/") for i in range(3)]
 >>> merge("ties", "base/", tvs, density=0.2, out="merged/")
 """
 
-from .adamerging import AdaMergingConfig, AdaMergingResult, EntropyTask, adamerge, entropy
+from .adamerging import AdaMergingConfig, AdaMergingResult, EntropyTask, adamerge, adamerge_folders, entropy
 from .config import MergeConfig, load_merge_config
-from .merge import merge, write_model_card
+from .engine import merge
 from .methods import (
-    MERGE_METHODS,
+    Parameter,
     dare_linear,
     dare_ties,
     drop_and_rescale,
     elect_sign,
+    merge_method_names,
     register_merge_method,
     task_arithmetic,
     ties,
     ties_process,
     trim_magnitude,
 )
-from .streaming import CheckpointSource, DictSource, ShardedWriter
+from .run import run_merge
+from .sources import DictSource
 from .task_vector import TaskVector, ties_processed
 
 __all__ = [
-    "MERGE_METHODS",
     "AdaMergingConfig",
     "AdaMergingResult",
-    "CheckpointSource",
     "DictSource",
     "EntropyTask",
     "MergeConfig",
-    "ShardedWriter",
+    "Parameter",
     "TaskVector",
     "adamerge",
+    "adamerge_folders",
     "dare_linear",
     "dare_ties",
     "drop_and_rescale",
@@ -41,11 +43,12 @@ __all__ = [
     "entropy",
     "load_merge_config",
     "merge",
+    "merge_method_names",
     "register_merge_method",
+    "run_merge",
     "task_arithmetic",
     "ties",
     "ties_process",
     "ties_processed",
     "trim_magnitude",
-    "write_model_card",
 ]

@@ -7,13 +7,13 @@ predictions (its own frozen head for classifiers; the next-token distribution at
 non-padded position for causal LMs). AdaMerging++ = the same over TIES-processed task
 vectors (``ties_density``).
 
-Defaults follow the official settings (METHODS.md): λ initialised at 0.3, clamped to [0, 1]
+Defaults follow the official settings (``docs/methods.md``, "AdaMerging"): λ initialised at 0.3, clamped to [0, 1]
 at every use and projected back after every step (a clamped λ gets no gradient and stays put),
 Adam lr 1e-3 betas (0.9, 0.999), 500 steps, losses summed over tasks, one backward per step.
 The merged parameters are recomputed each step with ``torch.func.functional_call`` over
 θ_0 + Σ λ τ — the model itself is never copied or modified.
 
-METHODS.md warns that entropy buys confidence, not accuracy: unconstrained, λ drifts past the
+The paper's objective buys confidence, not accuracy: unconstrained, λ drifts past the
 task-arithmetic optimum. Knobs against it: ``clamp``, ``reg_to_init`` (L2 pull of λ toward its
 initial value), ``steps`` and early stopping when the entropy curve flattens
 (``patience``/``min_delta``), ``own_task_gradient``. The method needs heads whose entropy tracks
@@ -27,10 +27,11 @@ vectors off (a tie with TIES); with each head's scale calibrated on the base enc
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -39,9 +40,11 @@ import torch
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from modular.checkpoint import atomic_write_text
+
 from .task_vector import TaskVector, ties_processed
 
-__all__ = ["AdaMergingConfig", "AdaMergingResult", "EntropyTask", "adamerge", "entropy"]
+__all__ = ["AdaMergingConfig", "AdaMergingResult", "EntropyTask", "adamerge", "adamerge_folders", "entropy"]
 
 
 @dataclass
@@ -125,15 +128,38 @@ class AdaMergingResult:
     task_entropy: list[list[float]] = field(default_factory=list)
 
     def weights_for(self, name: str) -> list[float]:
-        row = self.rows.index(name) if self.config.granularity == "layer" else 0
-        return self.coefficients[row].tolist()
+        """λ_k of every task for the parameter ``name`` (zeros for a tensor no coefficient covers)."""
+        if self.config.granularity == "task":
+            return self.coefficients[0].tolist()
+        row = self._row_of.get(name)
+        return [0.0] * len(self.task_names) if row is None else self.coefficients[row].tolist()
 
-    def merge(self, base, **merge_kwargs):
-        """θ_0 + Σ_k λ_k τ_k with the learned λ, streamed like any merge (``out=`` to write a folder)."""
-        from .merge import merge
+    @functools.cached_property
+    def _row_of(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.rows)}
 
-        card = {"AdaMerging coefficients": self.markdown_table(), **merge_kwargs.pop("card", {})}
-        return merge("task_arithmetic", base, self.task_vectors, weights=self.weights_for, card=card, **merge_kwargs)
+    def merge(self, base, task_vectors: Sequence[TaskVector] | None = None, *, saved_names: dict[str, list[str]] | None = None,
+              **merge_kwargs):
+        """θ_0 + Σ_k λ_k τ_k with the learned λ, streamed by :func:`merging.merge` like any merge
+        (``out=`` writes a model folder with the coefficients in its card, JSON and plot).
+
+        ``task_vectors``: the same task vectors over ``base``'s tensor names (default: the ones
+        learned on). ``saved_names``: module parameter name -> its names in ``base``'s files
+        (:func:`modular.loading.saved_tensor_names`), when those differ (e.g. fused MoE experts).
+        """
+        from .engine import merge
+
+        module_name = {saved: name for name, on_disk in (saved_names or {}).items() for saved in on_disk}
+
+        def coefficient_of(tensor: str) -> list[float]:
+            return self.weights_for(module_name.get(tensor, tensor))
+        card = {"AdaMerging coefficients": self.markdown_table(), **(merge_kwargs.pop("card", None) or {})}
+        return merge("task_arithmetic", base, task_vectors or self.task_vectors, weights=coefficient_of, card=card,
+                     write_extra=self._write_files, **merge_kwargs)
+
+    def _write_files(self, folder: Path) -> None:
+        self.save_json(folder / "adamerging_coefficients.json")
+        self.plot(folder / "adamerging_coefficients.png")
 
     def to_json(self) -> dict:
         return {
@@ -143,8 +169,7 @@ class AdaMergingResult:
         }
 
     def save_json(self, path: str | os.PathLike) -> Path:
-        Path(path).write_text(json.dumps(self.to_json(), indent=2))
-        return Path(path)
+        return atomic_write_text(path, json.dumps(self.to_json(), indent=2))
 
     def markdown_table(self) -> str:
         head = "| tensor | " + " | ".join(self.task_names) + " |\n|---|" + "---|" * len(self.task_names)
@@ -153,10 +178,9 @@ class AdaMergingResult:
 
     def plot(self, path: str | os.PathLike) -> Path:
         """Heatmap of λ (rows × tasks) beside the entropy curve, as a PNG."""
-        import matplotlib
+        from modular.plotting import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         height = max(4.0, min(0.12 * len(self.rows) + 2.0, 30.0))
         fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, height), gridspec_kw={"width_ratios": [1, 1.3]})
@@ -262,3 +286,37 @@ def adamerge(
         if config.patience is not None and since_best >= config.patience:
             break
     return AdaMergingResult(coefficients().detach().clone(), rows, task_names, list(task_vectors), history, config, per_task)
+
+
+def adamerge_folders(
+    base: str | os.PathLike, finetuned: Mapping[str, str | os.PathLike], tasks: Sequence[EntropyTask],
+    config: AdaMergingConfig, *, out: str | os.PathLike | None = None, progress: bool = True, **merge_kwargs,
+) -> AdaMergingResult:
+    """AdaMerging over checkpoint folders: learn coefficients for ``finetuned`` (label -> folder)
+    over ``base`` on the loaded models, then (with ``out``) write the merged model, streamed from
+    the folders by :func:`merging.merge` (``merge_kwargs``: its options, e.g. ``tokenizer_source``).
+
+    Coefficients are learned per module parameter (what the forward differentiates); the merge
+    maps them to the checkpoint's tensor names, which transformers' weight conversions may change.
+    """
+    from modular import load_model
+    from modular.loading import saved_tensor_names
+
+    model = load_model(base, dtype=torch.float32)
+    task_vectors = [_parameter_deltas(model, load_model(path, dtype=torch.float32), label) for label, path in finetuned.items()]
+    result = adamerge(model, task_vectors, tasks, config, progress=progress)
+    if out is not None:
+        on_disk = [TaskVector.from_models(base, path, label=label) for label, path in finetuned.items()]
+        result.merge(base, on_disk, saved_names=saved_tensor_names(model), out=out, progress=progress, **merge_kwargs)
+    return result
+
+
+def _parameter_deltas(base: torch.nn.Module, finetuned: torch.nn.Module, label: str) -> TaskVector:
+    """θ_ft − θ_0 over parameters, in memory (the base module's values are read once, here)."""
+    base_params = dict(base.named_parameters())
+    deltas = {}
+    for name, param in finetuned.named_parameters():
+        if name not in base_params or base_params[name].shape != param.shape:
+            raise ValueError(f"{label}: parameter {name!r} {tuple(param.shape)} has no match of that shape in the base model")
+        deltas[name] = param.detach().float() - base_params[name].detach().float()
+    return TaskVector.from_tensors(deltas, label=label)

@@ -1,45 +1,39 @@
-"""The ``modular merge`` YAML, close to mergekit's, parsed once into typed dataclasses.
+"""The ``modular merge`` YAML, mergekit's schema, parsed once into typed dataclasses.
 
 .. code-block:: yaml
 
-    merge_method: ties            # task_arithmetic | ties | dare_linear | dare_ties | adamerging
+    merge_method: ties            # any registered method (merging.methods), or adamerging
     base_model: ./base
     models:
       - model: ./ft-math
-        parameters: {weight: 1.0, density: 0.5}   # per-model: weight, density
+        parameters: {weight: 1.0, density: 0.5}   # the method's per-model parameters
         data: math_prompts.txt                    # adamerging only: unlabelled prompts, one a line
-    parameters: {lambda: 1.0, normalize: true}    # method parameters (see merging.methods)
+    parameters: {lambda: 1.0, normalize: true}    # the method's parameters (global defaults too)
     dtype: float32                                # output dtype (default: the base's)
     tokenizer_source: base                        # base, or a folder
     out_shard_size: 500MB
     adamerging: {granularity: layer, steps: 200}  # AdaMergingConfig + batch_size/max_length
 
-Paths are relative to the working directory, as in mergekit. mergekit's ``normalize`` for
-``ties``/``dare_ties`` maps to ``combine`` (true: "mergekit", false: "sum").
+Which keys a method accepts, per model or globally, with which defaults and ranges, is read from
+the method registry (:mod:`merging.methods.registry`): a method registered in a user's module
+works here with no other edit. Paths are relative to the working directory, as in mergekit.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
 from modular.config_io import ConfigError, from_dict, read_yaml
 
-from .adamerging import AdaMergingConfig
-from .methods import COMBINES
+from .adamerging_yaml import AdaMergingSection
+from .methods import get_merge_method, merge_method_names
 
-__all__ = ["AdaMergingSection", "MergeConfig", "ModelEntry", "load_merge_config"]
+__all__ = ["ADAMERGING", "MergeConfig", "ModelEntry", "load_merge_config"]
 
-METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "adamerging")
-PER_MODEL = ("weight", "density")
-GLOBAL_PARAMS = {
-    "task_arithmetic": ("lambda", "normalize", "weight"),
-    "ties": ("lambda", "normalize", "combine", "density", "weight"),
-    "dare_linear": ("lambda", "normalize", "density", "weight", "seed"),
-    "dare_ties": ("lambda", "normalize", "combine", "density", "weight", "seed"),
-    "adamerging": (),
-}
+ADAMERGING = "adamerging"  # this project's addition to mergekit's schema: learned coefficients
 
 
 @dataclass
@@ -48,32 +42,10 @@ class ModelEntry:
     parameters: dict = field(default_factory=dict)
     data: str | None = None
 
-    def __post_init__(self) -> None:
-        unknown = sorted(set(self.parameters) - set(PER_MODEL))
-        if unknown:
-            raise ValueError(f"parameters: unknown per-model key(s) {', '.join(unknown)}; allowed: {', '.join(PER_MODEL)}")
-
-
-@dataclass
-class AdaMergingSection(AdaMergingConfig):
-    """``AdaMergingConfig`` plus how prompts become batches (causal LMs from the CLI)."""
-
-    batch_size: int = 16
-    max_length: int = 128
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.batch_size < 1 or self.max_length < 2:
-            raise ValueError("batch_size must be >= 1 and max_length >= 2")
-
-    def method_config(self) -> AdaMergingConfig:
-        names = AdaMergingConfig.__dataclass_fields__
-        return AdaMergingConfig(**{k: getattr(self, k) for k in names})
-
 
 @dataclass
 class MergeConfig:
-    merge_method: Literal["task_arithmetic", "ties", "dare_linear", "dare_ties", "adamerging"]
+    merge_method: str
     base_model: str
     models: list[ModelEntry]
     parameters: dict = field(default_factory=dict)
@@ -85,39 +57,45 @@ class MergeConfig:
     def __post_init__(self) -> None:
         if not self.models:
             raise ValueError("models: give at least one fine-tuned model")
-        allowed = GLOBAL_PARAMS[self.merge_method]
-        unknown = sorted(set(self.parameters) - set(allowed))
-        if unknown:
-            raise ValueError(
-                f"parameters: unknown key(s) {', '.join(unknown)} for merge_method {self.merge_method!r}; "
-                f"allowed: {', '.join(allowed) or 'none'}"
-            )
-        if "normalize" in self.parameters and "combine" in self.parameters:
-            raise ValueError("parameters: give either normalize (mergekit) or combine, not both")
-        if self.parameters.get("combine", "mergekit") not in COMBINES:
-            raise ValueError(f"parameters.combine: {self.parameters['combine']!r} is not allowed; expected one of {', '.join(COMBINES)}")
-        if self.merge_method == "adamerging":
-            missing = [m.model for m in self.models if not m.data]
-            if missing:
-                raise ValueError(f"models: adamerging needs unlabelled data; give `data:` (a text file, one prompt a line) for {missing}")
-            if self.adamerging is None:
-                self.adamerging = AdaMergingSection()
-        elif self.adamerging is not None:
+        if self.merge_method == ADAMERGING:
+            self._check_adamerging()
+            return
+        if self.merge_method not in merge_method_names():
+            raise ValueError(f"merge_method: {self.merge_method!r} is not allowed; expected one of "
+                             f"{', '.join([*merge_method_names(), ADAMERGING])}")
+        if self.adamerging is not None:
             raise ValueError(f"adamerging: section given but merge_method is {self.merge_method!r}")
+        method = get_merge_method(self.merge_method)
+        self.parameters = _drop_unused(self.parameters, method, "parameters")
+        method.resolve(self.parameters, len(self.models), "parameters")  # every key known, every value allowed
+        per_model = [p.name for p in method.parameters if p.per_model]
+        for i, entry in enumerate(self.models):
+            where = f"models[{i}].parameters"
+            entry.parameters = _drop_unused(entry.parameters, method, where)
+            unknown = sorted(set(entry.parameters) - set(per_model))
+            if unknown:
+                raise ValueError(f"{where}: unknown per-model key(s) {', '.join(unknown)} for merge method "
+                                 f"{self.merge_method!r}; allowed: {', '.join(per_model)}")
+            for name, value in entry.parameters.items():
+                method.parameter(name).validate(value, where)
 
-    def per_model(self, key: str, default: float) -> list[float]:
-        fallback = self.parameters.get(key, default)
-        return [float(m.parameters.get(key, fallback)) for m in self.models]
+    def _check_adamerging(self) -> None:
+        missing = [m.model for m in self.models if not m.data]
+        if missing:
+            raise ValueError(f"models: adamerging needs unlabelled data; give `data:` (a text file, one prompt a line) for {missing}")
+        if self.parameters or any(m.parameters for m in self.models):
+            raise ValueError("parameters: adamerging learns its coefficients; set its options in the `adamerging:` section")
+        if self.adamerging is None:
+            self.adamerging = AdaMergingSection()
 
-    def method_params(self) -> dict:
-        """Keyword arguments for ``merging.merge`` (``lambda`` -> ``lambda_``, ``normalize`` -> ``combine`` for TIES)."""
-        params = {k: v for k, v in self.parameters.items() if k not in PER_MODEL}
-        if "lambda" in params:
-            params["lambda_"] = float(params.pop("lambda"))
-        if self.merge_method in ("ties", "dare_ties") and "normalize" in params:
-            params["combine"] = "mergekit" if params.pop("normalize") else "sum"
-        if self.merge_method != "task_arithmetic":
-            params["density"] = self.per_model("density", {"ties": 0.2}.get(self.merge_method, 0.5))
+    def method_parameters(self) -> dict:
+        """The method's parameters by name: global values, with per-model ones as lists of K values."""
+        method = get_merge_method(self.merge_method)
+        params = dict(self.parameters)
+        for p in method.parameters:
+            if p.per_model and any(p.name in m.parameters for m in self.models):
+                fallback = self.parameters.get(p.name, p.default)
+                params[p.name] = [m.parameters.get(p.name, fallback) for m in self.models]
         return params
 
 
@@ -128,3 +106,15 @@ def load_merge_config(path: str | os.PathLike) -> MergeConfig:
         raise
     except (ValueError, TypeError) as err:
         raise ConfigError(f"{path}: {err}") from None
+
+
+def _drop_unused(params: dict, method, where: str) -> dict:
+    """``params`` without the keys that another registered method takes but ``method`` does not
+    (mergekit ignores those too, e.g. ``density`` under ``task_arithmetic``), with a warning;
+    keys no method knows stay, so that they are refused as unknown."""
+    own = {p.name for p in method.parameters}
+    elsewhere = {p.name for name in merge_method_names() for p in get_merge_method(name).parameters} - own
+    unused = sorted(set(params) & elsewhere)
+    if unused:
+        warnings.warn(f"{where}: {', '.join(unused)} not used by merge method {method.name!r}; ignored", stacklevel=3)
+    return {k: v for k, v in params.items() if k not in unused}

@@ -17,51 +17,22 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from modular.checkpoint import CheckpointError, atomic_output_dir
+from modular.checkpoint import (
+    CheckpointError,
+    SafetensorsCheckpoint,
+    ShardedWriter,
+    atomic_output_dir,
+    atomic_write_text,
+)
 
 from .methods import ties_process
-from .streaming import DEFAULT_SHARD_BYTES, CheckpointSource, ShardedWriter, as_source
+from .sources import DEFAULT_SHARD_BYTES, as_source, check_compatible, first_mismatches
 
-__all__ = ["TaskVector", "check_compatible", "ties_processed"]
+__all__ = ["FORMAT", "TaskVector", "ties_processed"]
 
 FORMAT = "modular-task-vector"
 META_FILE = "task_vector.json"
-
-
-def _first_mismatches(items: list[str], limit: int = 5) -> str:
-    more = f" (and {len(items) - limit} more)" if len(items) > limit else ""
-    return "; ".join(items[:limit]) + more
-
-
-def check_compatible(base, other, *, what: str = "model", require_same_names: bool = True) -> None:
-    """Raise ``ValueError`` if ``other`` cannot be merged with ``base`` (both sources).
-
-    Checks vocab sizes from the configs first (the usual cause of embedding mismatches), then
-    names and shapes; the message lists the first mismatching tensors.
-    """
-    base_cfg, other_cfg = base.config() or {}, other.config() or {}
-    vb, vo = base_cfg.get("vocab_size"), other_cfg.get("vocab_size")
-    if vb is not None and vo is not None and vb != vo:
-        raise ValueError(
-            f"vocab sizes differ: base {base!r} has vocab_size {vb}, {what} {other!r} has {vo}; "
-            "resize the fine-tuned model's embeddings to the base vocabulary before merging"
-        )
-    base_names, other_names = set(base.names()), set(other.names())
-    problems = []
-    if require_same_names:
-        problems += [f"{n!r} missing from {what}" for n in base.names() if n not in other_names]
-    problems += [f"{n!r} not in base" for n in other.names() if n not in base_names]
-    problems += [
-        f"{n!r} has shape {tuple(other.shape(n))} in {what}, {tuple(base.shape(n))} in base"
-        for n in other.names()
-        if n in base_names and other.shape(n) != base.shape(n)
-    ]
-    if problems:
-        raise ValueError(
-            f"{what} {other!r} does not match base {base!r} (different architecture or shapes): {_first_mismatches(problems)}"
-        )
 
 
 class TaskVector:
@@ -104,10 +75,9 @@ class TaskVector:
         ``modules_to_save`` raise); ``use_rslora``, ``rank_pattern``, ``alpha_pattern`` and
         ``fan_in_fan_out`` are honoured.
         """
-        if isinstance(adapter, torch.nn.Module):
-            deltas = _lora_deltas_from_model(adapter, adapter_name)
-        else:
-            deltas = _lora_deltas_from_folder(Path(adapter))
+        from .lora import lora_deltas
+
+        deltas = lora_deltas(adapter, adapter_name)
         return cls.from_tensors(deltas, label=label or str(adapter if not isinstance(adapter, torch.nn.Module) else "LoRA"))
 
     @classmethod
@@ -125,12 +95,15 @@ class TaskVector:
         meta = json.loads(meta_file.read_text())
         if meta.get("format") != FORMAT:
             raise CheckpointError(f"{meta_file}: format {meta.get('format')!r}, expected {FORMAT!r}")
-        src = CheckpointSource(path)
+        src = SafetensorsCheckpoint(path)
         return cls({n: src.shape(n) for n in src.names()}, lambda n: src.get(n).float(), label=meta.get("label", str(path)))
 
     # -- access -------------------------------------------------------------------------------
     def names(self) -> list[str]:
         return list(self.shapes)
+
+    def shape(self, name: str) -> torch.Size:
+        return self.shapes[name]
 
     def __contains__(self, name: str) -> bool:
         return name in self.shapes
@@ -154,7 +127,7 @@ class TaskVector:
             return NotImplemented
         clash = [f"{n!r}: {tuple(s)} vs {tuple(other.shapes[n])}" for n, s in self.shapes.items() if n in other.shapes and other.shapes[n] != s]
         if clash:
-            raise ValueError(f"task vectors {self.label!r} and {other.label!r} disagree on shapes: {_first_mismatches(clash)}")
+            raise ValueError(f"task vectors {self.label!r} and {other.label!r} disagree on shapes: {first_mismatches(clash)}")
         shapes = {**self.shapes, **other.shapes}
 
         def get(n: str) -> torch.Tensor:
@@ -188,14 +161,8 @@ class TaskVector:
             for name in self.shapes:
                 writer.add(name, self.get(name))
             writer.close()
-            (tmp / META_FILE).write_text(json.dumps({"format": FORMAT, "version": 1, "label": self.label}, indent=2))
+            atomic_write_text(tmp / META_FILE, json.dumps({"format": FORMAT, "version": 1, "label": self.label}, indent=2))
         return Path(path)
-
-    def apply(self, base, out: str | os.PathLike, *, scale: float = 1.0, force: bool = False, **merge_kwargs) -> Path:
-        """Write θ_0 + scale · τ as a model folder (config/tokenizer copied from ``base`` if a folder)."""
-        from .merge import merge
-
-        return merge("task_arithmetic", base, [self], lambda_=scale, out=out, force=force, **merge_kwargs)
 
     def __repr__(self) -> str:
         return f"TaskVector({self.label!r}, {len(self.shapes)} tensors)"
@@ -240,54 +207,3 @@ class _Subset:
 
     def __repr__(self) -> str:
         return repr(self.source)
-
-
-def _pattern_value(module: str, patterns: Mapping[str, float], default: float) -> float:
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?{key}$", module):
-            return value
-    return default
-
-
-def _lora_deltas_from_folder(folder: Path) -> dict[str, torch.Tensor]:
-    cfg_file, weights_file = folder / "adapter_config.json", folder / "adapter_model.safetensors"
-    for f in (cfg_file, weights_file):
-        if not f.is_file():
-            raise FileNotFoundError(f"{folder}: no {f.name} (expected a PEFT LoRA adapter folder)")
-    cfg = json.loads(cfg_file.read_text())
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{cfg_file}: peft_type {cfg.get('peft_type')!r}; only LORA adapters convert to task vectors")
-    if cfg.get("use_dora") or cfg.get("modules_to_save"):
-        raise ValueError(f"{cfg_file}: DoRA and modules_to_save are not supported as task vectors")
-    try:
-        tensors = load_file(str(weights_file))
-    except Exception as err:
-        raise CheckpointError(f"{weights_file}: cannot be read as safetensors ({err})") from None
-    deltas = {}
-    for key in tensors:
-        if ".lora_A." not in key:
-            if ".lora_B." not in key:
-                raise ValueError(f"{weights_file}: tensor {key!r} is not a linear LoRA factor (embedding/conv LoRA unsupported)")
-            continue
-        module = key.split(".lora_A.")[0].removeprefix("base_model.model.")
-        a, b = tensors[key].float(), tensors[key.replace(".lora_A.", ".lora_B.")].float()
-        r = _pattern_value(module, cfg.get("rank_pattern"), cfg["r"])
-        alpha = _pattern_value(module, cfg.get("alpha_pattern"), cfg["lora_alpha"])
-        scaling = alpha / (r**0.5 if cfg.get("use_rslora") else r)
-        delta = (b @ a) * scaling
-        deltas[f"{module}.weight"] = delta.T if cfg.get("fan_in_fan_out") else delta
-    if not deltas:
-        raise ValueError(f"{weights_file}: no LoRA factors found")
-    return deltas
-
-
-def _lora_deltas_from_model(model: torch.nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
-    from peft.tuners.lora import LoraLayer
-
-    deltas = {}
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLayer) and adapter_name in getattr(module, "lora_A", {}):
-            deltas[f"{name.removeprefix('base_model.model.')}.weight"] = module.get_delta_weight(adapter_name).detach().float()
-    if not deltas:
-        raise ValueError(f"model has no LoRA layers for adapter {adapter_name!r}")
-    return deltas

@@ -11,6 +11,7 @@ import importlib
 __all__ = [
     "ACMConfig",
     "ArchitectureSpec",
+    "InjectionKind",
     "acmize",
     "architecture_of",
     "find_modules",
@@ -27,7 +28,8 @@ _EXPORTS = {
     "register_architecture": "registry",
     "find_modules": "surgery",
     "record_injection": "surgery",
-    "register_injection": "surgery",
+    "InjectionKind": "injections",
+    "register_injection": "injections",
     "replace_module": "surgery",
     "load_model": "loading",
     "ACMConfig": "acm",

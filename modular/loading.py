@@ -23,9 +23,10 @@ from transformers.core_model_loading import revert_weight_conversion
 from transformers.utils import logging as hf_logging
 
 from .checkpoint import CheckpointError, SafetensorsCheckpoint
-from .surgery import INJECTIONS_KEY, InjectionError, base_model_type, clear_injection_records, rebuild_injection
+from .injections import InjectionError, rebuild_injection
+from .surgery import INJECTIONS_KEY, base_model_type, clear_injection_records
 
-__all__ = ["load_model"]
+__all__ = ["load_model", "saved_tensor_names"]
 
 
 def _read_config(path: Path) -> tuple[transformers.PretrainedConfig, list[dict]]:
@@ -90,23 +91,35 @@ def load_model(path: str | os.PathLike, *, dtype: str | torch.dtype = "auto", **
     return model
 
 
-def _saved_names(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
-    """Model name -> name in the saved files for ``tensors``.
+def saved_tensor_names(model: torch.nn.Module, tensors: dict[str, torch.Tensor] | None = None) -> dict[str, list[str]]:
+    """Name in ``model.state_dict()`` -> the names ``save_pretrained`` writes it under.
 
-    ``save_pretrained`` reverts transformers' weight conversions (e.g. Mixtral's ``mlp`` is
-    saved as ``block_sparse_moe``), so the same reversal names the injected tensors on disk.
-    Renames keep the tensor object, which is how names are matched back.
+    ``save_pretrained`` reverts transformers' weight conversions (Mixtral's ``mlp.experts.gate_up_proj``
+    is saved as ``block_sparse_moe.experts.<e>.w1`` and ``.w3``), so a module tensor may live under
+    several names on disk. Found by reverting a probe: each tensor replaced by a zero-copy
+    constant view holding its index, so the reversal's outputs tell where each came from.
+    ``tensors``: the state to map (default: the whole state dict).
     """
-    saved = revert_weight_conversion(model, dict(tensors))
-    by_identity = {id(t): name for name, t in saved.items()}
+    tensors = model.state_dict() if tensors is None else tensors
+    names = list(tensors)
+    probe = {n: torch.tensor(i, dtype=torch.int32).expand(t.shape) for i, (n, t) in enumerate(tensors.items())}
+    saved: dict[str, list[str]] = {n: [] for n in names}
+    for saved_name, value in revert_weight_conversion(model, probe).items():
+        if value.numel():
+            saved[names[int(value.reshape(-1)[0])]].append(saved_name)
+    return saved
+
+
+def _saved_names(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Model name -> the one name in the saved files for each injected tensor (renames only)."""
     names = {}
-    for name, tensor in tensors.items():
-        if id(tensor) not in by_identity:
+    for name, on_disk in saved_tensor_names(model, tensors).items():
+        if len(on_disk) != 1:
             raise InjectionError(
                 f"injected tensor {name!r} falls under a transformers weight conversion that is not a rename "
                 "(e.g. fused MoE experts); injections must leave such weights under their original names"
             )
-        names[name] = by_identity[id(tensor)]
+        names[name] = on_disk[0]
     return names
 
 

@@ -8,9 +8,8 @@ Every injection (AdaMoE routers, ACM modules, …) goes through the same three s
    ``model.config.modular_injections`` so that ``save_pretrained`` carries it and
    ``modular.load_model`` can rebuild the same structure before loading the weights.
 
-An injection kind makes itself rebuildable with ``register_injection(kind, rebuild)``, or
-through the ``modular.injections`` entry-point group (``kind = package.module:rebuild``) so
-that loading a checkpoint imports the part that owns it.
+Each kind is described once in the injection registry (``modular.injections``), which the
+loader reads to rebuild what a checkpoint records.
 
 Injected checkpoints are saved with a marked ``model_type`` (see ``INJECTED_MARK``): plain
 ``AutoModel.from_pretrained`` then stops with an error naming ``modular.load_model`` instead of
@@ -21,12 +20,11 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Callable
-from importlib.metadata import entry_points
 from typing import Any
 
 from torch import nn
 
+from .injections import INJECTION_FORMAT_VERSION, InjectionError
 from .registry import architecture_of
 
 __all__ = [
@@ -36,24 +34,13 @@ __all__ = [
     "find_modules",
     "injection_records",
     "record_injection",
-    "register_injection",
-    "rebuild_injection",
     "replace_module",
 ]
 
 INJECTIONS_KEY = "modular_injections"
-INJECTION_FORMAT_VERSION = 1
 INJECTED_MARK = " (injected by modular-llm: load with modular.load_model)"
 
 ROLES = ("layer", "mlp", "mlp_output", "moe", "router", "experts", "embeddings", "head")
-
-Rebuild = Callable[[nn.Module, dict], None]
-_REBUILDERS: dict[str, Rebuild] = {}
-
-
-class InjectionError(ValueError):
-    """A target selection or an injection record that cannot be honoured."""
-
 
 # --------------------------------------------------------------------------- finding
 
@@ -186,36 +173,3 @@ def _unmark_config(config: Any) -> None:
     base = getattr(type(config), "_modular_base_class", None)
     if base is not None:
         config.__class__ = base
-
-
-# --------------------------------------------------------------------------- rebuilding
-
-
-def register_injection(kind: str, rebuild: Rebuild) -> None:
-    """Make ``kind`` loadable: ``rebuild(model, config_dict)`` must recreate the injected
-    structure on a freshly loaded base model (weights need not be right: the loader fills
-    them from the checkpoint afterwards) and call ``record_injection`` as the injection did."""
-    _REBUILDERS[kind] = rebuild
-
-
-def _rebuilder(kind: str) -> Rebuild:
-    if kind not in _REBUILDERS:
-        for ep in entry_points(group="modular.injections"):
-            if ep.name == kind:
-                _REBUILDERS[kind] = ep.load()
-    if kind not in _REBUILDERS:
-        raise InjectionError(
-            f"checkpoint was saved with an injection of kind {kind!r}, which nothing registered; import the "
-            f"package that provides it, or call modular.register_injection({kind!r}, rebuild)"
-        )
-    return _REBUILDERS[kind]
-
-
-def rebuild_injection(model: nn.Module, record: dict) -> None:
-    version = record.get("format_version", 0)
-    if version > INJECTION_FORMAT_VERSION:
-        raise InjectionError(
-            f"injection record {record.get('kind')!r} has format_version {version}, newer than this "
-            f"modular-llm understands ({INJECTION_FORMAT_VERSION}); upgrade modular-llm"
-        )
-    _rebuilder(record["kind"])(model, record["config"])

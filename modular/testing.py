@@ -1,7 +1,7 @@
 """Tiny models built from configs, for tests, examples and smoke runs (no downloads).
 
-``tiny_model("mixtral")`` gives a 2-layer, hidden-32 model of any registered family;
-``tiny_tokenizer`` a BPE tokenizer trained in place; ``free_port`` a rendezvous port.
+``tiny_model("mixtral")`` gives a 2-layer, hidden-32 model of any registered family (a tokenizer
+to go with it: :func:`modular.app.corpora.train_tokenizer`).
 """
 
 from __future__ import annotations
@@ -11,10 +11,8 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, Pretrained
 
 __all__ = [
     "TINY_OVERRIDES",
-    "free_port",
     "tiny_config",
     "tiny_model",
-    "tiny_tokenizer",
 ]
 
 _DECODER = dict(
@@ -62,38 +60,3 @@ def tiny_model(model_type: str, *, seed: int = 0, **overrides) -> torch.nn.Modul
     torch.manual_seed(seed)
     auto = AutoModel if model_type == "bert" else AutoModelForCausalLM
     return auto.from_config(config).eval()
-
-
-def tiny_tokenizer(texts: list[str] | None = None, vocab_size: int = 128):
-    """A small BPE tokenizer trained here on ``texts`` (offline; default: the alphabet).
-
-    Ids 0-3 are ``<pad> <s> </s> <unk>``, matching the special ids of :func:`tiny_config`;
-    lowercase letters, digits and common punctuation are always in the vocabulary.
-    """
-    import string
-
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    alphabet = list(string.ascii_lowercase + string.digits + ".,;:!?'()-")
-    backend = Tokenizer(models.BPE(unk_token="<unk>"))
-    backend.normalizer = normalizers.Sequence([normalizers.NFKD(), normalizers.StripAccents(), normalizers.Lowercase()])
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet, limit_alphabet=len(alphabet),
-        show_progress=False,
-    )
-    backend.train_from_iterator(texts or [" ".join(alphabet)], trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
-
-
-def free_port() -> int:
-    """A free loopback TCP port, for the rendezvous of a local multi-process run."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

@@ -1,8 +1,8 @@
 """moe part of modular-llm: AdaMoE null-expert routing in HF MoE models, sparse upcycling,
-fast experts implementations, routing statistics (see DESIGN.md, METHODS.md)."""
+fast experts implementations, routing statistics (``docs/methods.md``, "AdaMoE")."""
 
 from .adamoe import adamoe_routers, inject_adamoe
-from .config import AdaMoEConfig
+from .config import AdaMoEConfig, UpcycleConfig
 from .experts import megablocks_experts_forward, modular_experts_forward
 from .loss import adamoe_aux_loss, load_balancing_loss
 from .stats import mean_experts_per_token, plot_routing_stats, routing_stats
@@ -10,6 +10,7 @@ from .upcycle import upcycle_to_moe
 
 __all__: list[str] = [
     "AdaMoEConfig",
+    "UpcycleConfig",
     "adamoe_aux_loss",
     "adamoe_routers",
     "inject_adamoe",

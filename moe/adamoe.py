@@ -7,8 +7,9 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
+from modular.injections import InjectionKind, register_injection
 from modular.registry import architecture_of
-from modular.surgery import find_modules, record_injection, register_injection, replace_module
+from modular.surgery import find_modules, record_injection, replace_module
 
 from . import experts as _experts  # noqa: F401  (registers the "modular"/"megablocks" experts implementations)
 from .config import AdaMoEConfig
@@ -96,4 +97,9 @@ def rebuild(model: nn.Module, config: dict) -> None:
     inject_adamoe(model, AdaMoEConfig(**config))
 
 
-register_injection(KIND, rebuild)
+def _apply(model: nn.Module, config: AdaMoEConfig, calibration_data: list | None) -> nn.Module:
+    inject_adamoe(model, config)
+    return model
+
+
+INJECTION = register_injection(InjectionKind(KIND, AdaMoEConfig, _apply, rebuild))

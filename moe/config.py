@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["AdaMoEConfig", "NULL_LOGIT_INITS", "WEIGHTINGS", "EXPERTS_IMPLEMENTATIONS"]
+__all__ = ["AdaMoEConfig", "EXPERTS_IMPLEMENTATIONS", "NULL_LOGIT_INITS", "UpcycleConfig", "WEIGHTINGS"]
 
 NULL_LOGIT_INITS = ("anchored", "repeat_gate")
 WEIGHTINGS = ("renormalized", "softmax")
@@ -13,7 +13,7 @@ EXPERTS_IMPLEMENTATIONS = ("modular", "megablocks", "eager")
 
 @dataclass
 class AdaMoEConfig:
-    """AdaMoE null-expert routing (Zeng et al., 2024; METHODS.md).
+    """AdaMoE null-expert routing (Zeng et al., 2024; ``docs/methods.md``, "AdaMoE").
 
     Attributes:
         num_null_experts: m, null experts added next to the n true experts of each block.
@@ -86,3 +86,33 @@ class AdaMoEConfig:
             self.layers = [int(i) for i in self.layers]
             if any(i < 0 for i in self.layers):
                 raise ValueError(f"AdaMoEConfig.layers must hold layer indices >= 0, got {self.layers!r}")
+
+
+@dataclass
+class UpcycleConfig:
+    """Sparse upcycling of a dense model into its registry MoE family (:func:`moe.upcycle_to_moe`).
+
+    Attributes:
+        num_experts, top_k: experts per layer and experts per token.
+        noise_std: std of Gaussian noise added to every expert copy (breaks the symmetry so
+            experts can specialise); 0 keeps them identical, and then the MoE model computes
+            the dense model's logits (the picked weights sum to 1).
+        router_init_std: std of the fresh router weights (``None``: the config's ``initializer_range``).
+        seed: seeds the noise and the router init.
+    """
+
+    num_experts: int = 8
+    top_k: int = 2
+    noise_std: float = 0.0
+    router_init_std: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_experts, int) or self.num_experts < 1:
+            raise ValueError(f"UpcycleConfig.num_experts must be an integer >= 1, got {self.num_experts!r}")
+        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"UpcycleConfig.top_k must be an integer in [1, num_experts={self.num_experts}], got {self.top_k!r}")
+        if not self.noise_std >= 0:
+            raise ValueError(f"UpcycleConfig.noise_std must be >= 0, got {self.noise_std!r}")
+        if self.router_init_std is not None and not self.router_init_std > 0:
+            raise ValueError(f"UpcycleConfig.router_init_std must be > 0 or None, got {self.router_init_std!r}")

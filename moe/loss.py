@@ -11,7 +11,7 @@ __all__ = ["adamoe_aux_loss", "load_balancing_loss"]
 
 
 def load_balancing_loss(probs: torch.Tensor, selected: torch.Tensor, num_true: int) -> torch.Tensor:
-    """``N · Σ_i f_i · P_i`` over all N = n + m experts of one layer (METHODS.md).
+    """``N · Σ_i f_i · P_i`` over all N = n + m experts of one layer (``docs/methods.md``, "AdaMoE").
 
     Args:
         probs: (T, N) router probabilities (softmax over true and null logits).

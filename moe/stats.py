@@ -1,9 +1,7 @@
-"""Routing statistics of AdaMoE routers after a forward pass, their plot, and ``modular moe-stats``."""
+"""Routing statistics of AdaMoE routers after a forward pass, and their plot."""
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -11,7 +9,7 @@ from torch import nn
 
 from .adamoe import adamoe_routers
 
-__all__ = ["add_parser", "mean_experts_per_token", "plot_routing_stats", "routing_stats"]
+__all__ = ["mean_experts_per_token", "plot_routing_stats", "routing_stats"]
 
 
 def routing_stats(model: nn.Module) -> list[dict]:
@@ -52,10 +50,9 @@ def mean_experts_per_token(stats: list[dict]) -> float:
 
 def plot_routing_stats(stats: list[dict], path: str | Path) -> Path:
     """PNG: true experts per token per layer (bars) and the per-expert load heat map."""
-    import matplotlib
+    from modular.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -70,32 +67,3 @@ def plot_routing_stats(stats: list[dict], path: str | Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
-
-
-def _run(args: argparse.Namespace) -> int:
-    from modular import load_model
-
-    if not Path(args.model).is_dir():
-        raise FileNotFoundError(f"{args.model}: not a folder (expected a save_pretrained output)")
-    model = load_model(args.model)
-    generator = torch.Generator().manual_seed(args.seed)
-    input_ids = torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq_len), generator=generator)
-    with torch.no_grad():
-        model(input_ids=input_ids)
-    stats = routing_stats(model)
-    out = Path(args.out) if args.out else Path(args.model) / "routing_stats.png"
-    plot_routing_stats(stats, out)
-    print(json.dumps({"mean_experts_per_token": mean_experts_per_token(stats), "layers": stats, "plot": str(out)}))
-    return 0
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """``modular moe-stats MODEL_DIR``: routing statistics (JSON) and a PNG plot."""
-    parser = subparsers.add_parser("moe-stats", help="routing statistics of an AdaMoE model (JSON + PNG plot)")
-    parser.add_argument("model", help="folder written by save_pretrained (AdaMoE-injected)")
-    parser.add_argument("--out", help="PNG path (default: MODEL/routing_stats.png)")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random token batch routed")
-    parser.set_defaults(func=_run)
-    return parser

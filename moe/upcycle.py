@@ -7,7 +7,10 @@ import torch
 from torch import nn
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
+from modular.injections import InjectionKind, register_injection
 from modular.registry import architecture_of
+
+from .config import UpcycleConfig
 
 __all__ = ["upcycle_to_moe"]
 
@@ -56,25 +59,18 @@ def _fill_experts(moe_block: nn.Module, mlp: nn.Module, arch, noise_std: float, 
 
 
 @torch.no_grad()
-def upcycle_to_moe(
-    model: nn.Module, num_experts: int = 8, top_k: int = 2, *, noise_std: float = 0.0,
-    router_init_std: float | None = None, seed: int = 0,
-) -> nn.Module:
+def upcycle_to_moe(model: nn.Module, config: UpcycleConfig | None = None, /, **settings) -> nn.Module:
     """A new MoE ``ForCausalLM`` whose experts are copies of ``model``'s MLPs.
 
     Args:
         model: a dense HF causal LM whose family has ``moe_model_type`` in the registry.
-        num_experts, top_k: experts per layer and experts per token.
-        noise_std: std of Gaussian noise added to every expert copy (breaks the symmetry so
-            experts can specialise); 0 keeps them identical, and then the MoE model computes
-            the dense model's logits (``norm_topk_prob=True``: the picked weights sum to 1).
-        router_init_std: std of the fresh router weights (default: the config's
-            ``initializer_range``).
-        seed: seeds the noise and the router init.
+        config: an :class:`~moe.UpcycleConfig`, or its fields as keyword arguments
+            (``upcycle_to_moe(model, num_experts=8, top_k=2)``).
 
     Everything but the MLPs is copied tensor by tensor; a parameter of either model that is
     not accounted for is an error.
     """
+    config = config or UpcycleConfig(**settings)
     arch = architecture_of(model)
     moe_type = arch.spec.moe_model_type
     if moe_type is None:
@@ -82,13 +78,9 @@ def upcycle_to_moe(
             f"upcycle_to_moe: the registry has no MoE family for {arch.model_type!r} "
             f"(set ArchitectureSpec.moe_model_type); MoE models need no upcycling"
         )
-    if num_experts < 1 or not 1 <= top_k <= num_experts:
-        raise ValueError(f"upcycle_to_moe: need num_experts >= 1 and 1 <= top_k <= num_experts, got {num_experts}, {top_k}")
-    if noise_std < 0:
-        raise ValueError(f"upcycle_to_moe: noise_std must be >= 0, got {noise_std}")
-    config = _moe_config(model.config, moe_type, num_experts, top_k)
-    generator = torch.Generator().manual_seed(seed)
-    moe_model = AutoModelForCausalLM.from_config(config).to(model.device, model.dtype)
+    moe_config = _moe_config(model.config, moe_type, config.num_experts, config.top_k)
+    generator = torch.Generator().manual_seed(config.seed)
+    moe_model = AutoModelForCausalLM.from_config(moe_config).to(model.device, model.dtype)
     moe_arch = architecture_of(moe_model)
 
     mlp_names = {name for name, _ in arch.mlps()}
@@ -101,9 +93,17 @@ def upcycle_to_moe(
             f"dense only {sorted(set(dense_state) - moe_state)[:4]}, MoE only {sorted(moe_state - set(dense_state))[:4]}"
         )
     moe_model.load_state_dict(dense_state, strict=False)
-    std = config.initializer_range if router_init_std is None else router_init_std
+    std = moe_config.initializer_range if config.router_init_std is None else config.router_init_std
     for (_, block), (_, mlp), (_, router) in zip(moe_arch.moe_blocks(), arch.mlps(), moe_arch.routers()):
         router.weight.copy_(torch.randn(router.weight.shape, generator=generator).to(router.weight) * std)
-        _fill_experts(block, mlp, moe_arch, noise_std, generator)
+        _fill_experts(block, mlp, moe_arch, config.noise_std, generator)
     moe_model.train(model.training)
     return moe_model
+
+
+def _apply(model: nn.Module, config: UpcycleConfig, calibration_data: list | None) -> nn.Module:
+    return upcycle_to_moe(model, config)
+
+
+# The result is a plain transformers MoE model: nothing to record or rebuild on load.
+INJECTION = register_injection(InjectionKind("upcycle", UpcycleConfig, _apply))

@@ -1,9 +1,12 @@
 """A minimal injection kind for testing surgery, loading and merging (test-only: importing this
 module registers the ``test_gain`` kind, so user processes never see it)."""
 
+from dataclasses import dataclass
+
 import torch
 
-from modular.surgery import find_modules, record_injection, register_injection, replace_module
+from modular.injections import InjectionKind, register_injection
+from modular.surgery import find_modules, record_injection, replace_module
 
 GAIN_KIND = "test_gain"
 
@@ -32,5 +35,16 @@ def inject_gain(model: torch.nn.Module, config: dict) -> list[str]:
     return targets
 
 
+@dataclass
+class GainConfig:
+    role: str = "mlp"
+    pattern: str | None = None
+
+
+def _apply(model: torch.nn.Module, config: GainConfig, calibration_data) -> torch.nn.Module:
+    inject_gain(model, {"role": config.role, "pattern": config.pattern})
+    return model
+
+
 # Registered on import, so load_model rebuilds it in any process that imports this module.
-register_injection(GAIN_KIND, inject_gain)
+INJECTION = register_injection(InjectionKind(GAIN_KIND, GainConfig, _apply, inject_gain))

@@ -1,4 +1,4 @@
-"""``ACMConfig``: every knob of an Adaptive Computation Module conversion (METHODS.md "ACM")."""
+"""``ACMConfig``: every knob of an Adaptive Computation Module conversion (``docs/methods.md``, "ACM")."""
 
 from __future__ import annotations
 

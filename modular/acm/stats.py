@@ -10,7 +10,7 @@ import os
 import torch
 from torch import nn
 
-from .convert import acm_modules
+from .model import acm_modules
 
 __all__ = ["compute_stats", "plot_stats", "reset_stats"]
 
@@ -52,10 +52,9 @@ def compute_stats(model: nn.Module) -> dict:
 
 def plot_stats(stats: dict, path: str | os.PathLike) -> None:
     """PNG with mean learners per token per layer (left) and the histogram of choices (right)."""
-    import matplotlib
+    from modular.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     means = [layer["mean_learners"] for layer in stats["layers"]]

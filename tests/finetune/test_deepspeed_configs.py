@@ -2,12 +2,22 @@
 
 import pytest
 
-from finetune.deepspeed_configs import (
-    deepspeed_config,
-    deepspeed_config_names,
-    deepspeed_config_path,
-    validate_deepspeed_config,
-)
+from finetune.deepspeed_configs import deepspeed_config, deepspeed_config_names, deepspeed_config_path
+
+ZERO_STAGES = (0, 1, 2, 3)
+
+
+def validate_deepspeed_config(config: dict, name: str = "config") -> None:
+    """Check what the project relies on: a known ZeRO stage, fp32 communication, and a
+    ``zero_optimization`` block DeepSpeed's own schema accepts (typos raise)."""
+    zero = config.get("zero_optimization")
+    if not isinstance(zero, dict) or zero.get("stage") not in ZERO_STAGES:
+        raise ValueError(f"{name}: zero_optimization.stage must be one of {ZERO_STAGES}, got {zero!r}")
+    if config.get("communication_data_type", "fp32") != "fp32":
+        raise ValueError(f"{name}: communication_data_type must be 'fp32' (gloo on CPU), got {config['communication_data_type']!r}")
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    DeepSpeedZeroConfig(**zero)
 
 
 def test_all_packaged_configs_validate():

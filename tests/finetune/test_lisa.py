@@ -9,11 +9,16 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from finetune import LisaCallback
-from finetune.lisa import optimizer_state_bytes, sample_active_layers
+from finetune.lisa import sample_active_layers
 from modular.registry import architecture_of
 from modular.testing import tiny_model
 
 K = 2  # steps per period
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    """Bytes held by tensors in the optimizer's ``state``."""
+    return sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
 
 
 class Recorder(TrainerCallback):
@@ -158,7 +163,7 @@ def test_tied_embeddings_must_agree_with_head():
 def test_zero3_and_bad_arguments_are_refused():
     args = SimpleNamespace(hf_deepspeed_config=SimpleNamespace(config={"zero_optimization": {"stage": 3}}))
     with pytest.raises(ValueError, match="ZeRO-3"):
-        LisaCallback(1, 2).on_train_begin(args, None, None, model=tiny_model("llama"), optimizer=None)
+        LisaCallback(num_active_layers=1, interval_steps=2).on_train_begin(args, None, None, model=tiny_model("llama"), optimizer=None)
     with pytest.raises(ValueError, match="num_active_layers"):
         LisaCallback(num_active_layers=0)
     with pytest.raises(ValueError, match="interval_steps"):

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from finetune.launch import free_port
 from finetune.lisa import sample_active_layers
-from modular.testing import free_port
 
 SCRIPT = Path(__file__).parent / "scripts" / "lisa_ds_train.py"
 BIN = Path(sys.executable).parent
@@ -57,7 +57,7 @@ def test_zero2_trains_active_layers_only_on_both_ranks(ranks):
 
 
 def test_ranks_see_different_batches(ranks):
-    # accelerate must record both processes (DESIGN.md: it can record one on CPU).
+    # accelerate must record both processes (finetune.launch.cpu_deepspeed_state: it can record one on CPU).
     assert [d["accelerate_num_processes"] for d in ranks] == [2, 2]
     seen = [set(d["seen"]) for d in ranks]
     assert not seen[0] & seen[1]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from modular.testing import free_port
+from finetune.launch import free_port
 
 SCRIPTS = Path(__file__).parent / "scripts"
 BIN = Path(sys.executable).parent

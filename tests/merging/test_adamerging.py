@@ -9,7 +9,7 @@ from torch import nn
 
 from merging import AdaMergingConfig, EntropyTask, TaskVector, adamerge, entropy
 from modular import load_model
-from modular.cli import main
+from modular.app.cli import main
 from modular.testing import tiny_model
 
 from .conftest import perturbed

@@ -10,7 +10,7 @@ import yaml
 
 from merging import TaskVector, merge
 from modular import load_model
-from modular.cli import main
+from modular.app.cli import main
 from modular.testing import tiny_model
 from tests.gain_injection import GAIN_KIND, inject_gain
 
@@ -52,7 +52,7 @@ def test_merge_refuses_to_overwrite_without_force(llama_folders, tmp_path):
     config = _write(tmp_path / "merge.yaml", {**_ties_config(base, fts), "merge_method": "task_arithmetic", "parameters": {"lambda": 0.3}})
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")
-    proc = subprocess.run([sys.executable, "-m", "modular.cli", "merge", str(config), "--out", str(tmp_path / "out")],
+    proc = subprocess.run([sys.executable, "-m", "modular.app.cli", "merge", str(config), "--out", str(tmp_path / "out")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "is not empty; pass --force" in proc.stderr
     assert (tmp_path / "out" / "keep.txt").is_file()
@@ -64,8 +64,8 @@ def test_merge_refuses_to_overwrite_without_force(llama_folders, tmp_path):
     "patch,message",
     [
         ({"merge_method": "slerp"}, "merge_method: 'slerp' is not allowed"),
-        ({"parameters": {"lambda": 1.0, "gamma": 2}}, "parameters: unknown key(s) gamma for merge_method 'ties'"),
-        ({"models": [{"model": "x", "parameters": {"epsilon": 1}}]}, "models[0]: parameters: unknown per-model key(s) epsilon"),
+        ({"parameters": {"lambda": 1.0, "gamma": 2}}, "parameters: unknown key(s) gamma for merge method 'ties'; allowed: weight, density, lambda"),
+        ({"models": [{"model": "x", "parameters": {"epsilon": 1}}]}, "models[0].parameters: unknown per-model key(s) epsilon for merge method 'ties'; allowed: weight, density"),
         ({"dtype": "int8"}, "merge.yaml.dtype"),
         ({"merge_method": "adamerging", "parameters": {}}, "adamerging needs unlabelled data"),
     ],

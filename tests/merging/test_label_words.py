@@ -8,14 +8,14 @@ import torch
 
 from merging import entropy
 from merging.label_words import LabelWordTask, class_logits
-from modular.testing import tiny_tokenizer
+from modular.app.corpora import train_tokenizer
 
 WORDS = ["apple", "banana", "cherry"]
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return tiny_tokenizer(["the apple and the banana and the cherry fruit salad"] * 20, vocab_size=160)
+    return train_tokenizer(["the apple and the banana and the cherry fruit salad"] * 20, vocab_size=160)
 
 
 def test_class_logits_read_the_last_real_position_of_each_row():

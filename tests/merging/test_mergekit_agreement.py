@@ -36,6 +36,6 @@ def test_matches_mergekit(llama_folders, tmp_path, method, mk_params, ours):
     base, fts = llama_folders
     theirs = _mergekit(method, base, fts, mk_params, tmp_path / "mk")
     mine = merge(method, base, [TaskVector.from_models(base, f) for f in fts], weights=WEIGHTS, progress=False, **ours)
-    assert set(theirs.keys()) == set(mine)
+    assert set(theirs.names()) == set(mine)
     worst = max((theirs.get(n) - mine[n]).abs().max().item() for n in mine)
     assert worst <= 1e-6

@@ -7,34 +7,32 @@ import torch
 import yaml
 
 from merging import AdaMergingConfig, AdaMergingResult, TaskVector
-from merging.model_merge import apply_coefficients
 from modular import load_model
-from modular.cli import main
-from modular.testing import tiny_model, tiny_tokenizer
+from modular.app.cli import main
+from modular.app.corpora import train_tokenizer
+from modular.testing import tiny_model
 from moe import AdaMoEConfig, inject_adamoe
 
 from .conftest import perturbed
 
 
-def test_apply_coefficients_adds_the_weighted_deltas_per_tensor():
-    model = torch.nn.Linear(2, 2)
-    with torch.no_grad():
-        model.weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
-        model.bias.zero_()
+def test_learned_coefficients_merge_the_weighted_deltas_per_tensor():
+    base = {"weight": torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "bias": torch.zeros(2), "other": torch.ones(3)}
     tvs = [TaskVector.from_tensors({"weight": torch.ones(2, 2), "bias": torch.ones(2)}, "a"),
            TaskVector.from_tensors({"weight": torch.full((2, 2), 10.0)}, "b")]
     result = AdaMergingResult(torch.tensor([[0.5, 0.1], [0.2, 0.3]]), ["weight", "bias"], ["a", "b"], tvs, [], AdaMergingConfig())
-    apply_coefficients(model, result)
-    # weight: θ0 + 0.5·1 + 0.1·10 ; bias: 0 + 0.2·1 (task b has no bias delta)
-    assert torch.allclose(model.weight, torch.tensor([[2.5, 3.5], [4.5, 5.5]]))
-    assert torch.allclose(model.bias, torch.full((2,), 0.2))
+    merged = result.merge(base, progress=False)
+    # weight: θ0 + 0.5·1 + 0.1·10 ; bias: 0 + 0.2·1 (task b has no bias delta); other: untouched
+    assert torch.allclose(merged["weight"], torch.tensor([[2.5, 3.5], [4.5, 5.5]]))
+    assert torch.allclose(merged["bias"], torch.full((2,), 0.2))
+    assert torch.equal(merged["other"], base["other"])
 
 
 @pytest.fixture
 def mixtral_folders(tmp_path):
     """An AdaMoE-injected tiny Mixtral base and two perturbed copies: Mixtral checkpoints store
     per-expert w1/w2/w3 tensors that transformers fuses into ``gate_up_proj`` on load."""
-    tokenizer = tiny_tokenizer(["experts route tokens to experts"] * 5)
+    tokenizer = train_tokenizer(["experts route tokens to experts"] * 5)
     base = tiny_model("mixtral")
     inject_adamoe(base, AdaMoEConfig(num_null_experts=2, top_k=3))
     base.save_pretrained(tmp_path / "base")

@@ -4,9 +4,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from merging import ShardedWriter, TaskVector, merge
-from merging.streaming import parse_size
-from modular.checkpoint import SafetensorsCheckpoint
+from merging import TaskVector, merge
+from merging.sources import parse_size
+from modular.checkpoint import SafetensorsCheckpoint, ShardedWriter
 
 
 def test_writer_round_trips_every_dtype(tmp_path):
@@ -43,14 +43,14 @@ def test_output_dtype_and_non_float_tensors(llama_folders, tmp_path):
     base, fts = llama_folders
     out = merge("task_arithmetic", base, [TaskVector.from_models(base, fts[0])], out=tmp_path / "m", dtype="bfloat16", progress=False)
     checkpoint = SafetensorsCheckpoint(out)
-    assert {checkpoint.get(n).dtype for n in checkpoint.keys()} == {torch.bfloat16}
+    assert {checkpoint.get(n).dtype for n in checkpoint.names()} == {torch.bfloat16}
     assert '"dtype": "bfloat16"' in (out / "config.json").read_text()
 
 
 def test_unknown_parameters_and_methods_are_named(llama_folders):
     base, fts = llama_folders
     tv = TaskVector.from_models(base, fts[0])
-    with pytest.raises(ValueError, match="merge method 'ties' has no parameter.* gamma; allowed: density, lambda_, combine"):
+    with pytest.raises(ValueError, match="unknown key.* gamma for merge method 'ties'; allowed: weight, density, lambda, normalize, combine"):
         merge("ties", base, [tv], gamma=1)
     with pytest.raises(KeyError, match="unknown merge method 'slerp'"):
         merge("slerp", base, [tv])

@@ -46,7 +46,7 @@ def test_save_load_and_apply_round_trip(llama_folders, tmp_path):
     loaded = TaskVector.load(tmp_path / "tv")
     assert loaded.names() == tv.names()
     assert all(torch.equal(loaded.get(n), tv.get(n)) for n in tv.names())
-    loaded.apply(base, tmp_path / "model", progress=False)
+    merge("task_arithmetic", base, [loaded], out=tmp_path / "model", progress=False)
     model = perturbed(tiny_model("llama"), seed=100)
     from modular import load_model
 

@@ -21,7 +21,7 @@ from modular.acm import (
     reset_stats,
     set_threshold,
 )
-from modular.acm.convert import distillation_loss
+from modular.acm.calibration import distillation_loss
 from modular.acm.layer import inplace_activation
 from modular.registry import UnknownArchitectureError
 from modular.surgery import InjectionError, injection_records

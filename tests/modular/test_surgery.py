@@ -121,7 +121,7 @@ def test_newer_record_format_is_refused(tiny, tmp_path):
 
 def test_user_facing_helpers_register_no_test_injection():
     """The demo and the examples import modular.testing; only the tests may register ``test_gain``."""
-    code = ("import modular.testing, modular.demo; from modular.surgery import _REBUILDERS; "
-            f"assert {GAIN_KIND!r} not in _REBUILDERS, sorted(_REBUILDERS)")
+    code = ("import modular.testing, modular.app.demo; from modular.injections import injection_kinds; "
+            f"assert {GAIN_KIND!r} not in injection_kinds(), injection_kinds()")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

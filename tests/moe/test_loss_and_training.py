@@ -9,7 +9,7 @@ from transformers import Trainer, TrainingArguments
 
 from finetune import MoEAuxLossCallback
 from modular import load_model
-from modular.cli import main as cli_main
+from modular.app.cli import main as cli_main
 from modular.registry import architecture_of
 from moe import AdaMoEConfig, adamoe_aux_loss, inject_adamoe, load_balancing_loss, routing_stats
 from moe.router import is_adamoe_router

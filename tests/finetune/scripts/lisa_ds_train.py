@@ -15,8 +15,7 @@ import torch.distributed as dist
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from finetune import LisaCallback, close_process_group, deepspeed_config_path
-from finetune.comm import deepspeed_shm_buffer
-from finetune.deepspeed_configs import cpu_deepspeed_state
+from finetune.launch import cpu_deepspeed_state, deepspeed_shm_buffer
 from modular.registry import architecture_of
 from modular.testing import tiny_model
 

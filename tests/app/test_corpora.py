@@ -1,4 +1,4 @@
-"""modular.corpora: the sentence-transformers pooling of all-MiniLM-L6-v2, by hand; apt's
+"""modular.app.corpora: the sentence-transformers pooling of all-MiniLM-L6-v2, by hand; apt's
 package index read from plain and compressed files."""
 
 import gzip
@@ -9,12 +9,8 @@ import subprocess
 import pytest
 import torch
 
-from modular.corpora import (
-    debian_package_descriptions,
-    minilm_distillation_loss,
-    minilm_encode,
-    minilm_sentence_embedding,
-)
+from modular.app.corpora import debian_package_descriptions
+from modular.app.minilm import minilm_distillation_loss, minilm_encode, minilm_sentence_embedding
 
 STANZAS = {
     "a": "Package: tux-race\nVersion: 1\nSection: games\nDescription: 3D racing game\nTag: game::arcade\n",

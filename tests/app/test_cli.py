@@ -2,11 +2,11 @@ import json
 import subprocess
 import sys
 
-from modular.cli import main
+from modular.app.cli import main
 
 
 def _modular(*args):
-    return subprocess.run([sys.executable, "-m", "modular.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "modular.app.cli", *args], capture_output=True, text=True, timeout=300)
 
 
 def test_help_lists_subcommands():

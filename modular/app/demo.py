@@ -1,13 +1,13 @@
 """``modular demo``: the whole flow on an embedded default, CPU only, in one command.
 
-1. data: real text and two classification tasks from the GCIDE dictionary (``modular.tasks``),
+1. data: real text and two classification tasks from the GCIDE dictionary (``modular.app.tasks``),
    a BPE tokenizer trained on that text;
 2. pretrain: a small llama trained briefly on the text, with a few hundred labelled rows of each
    task mixed in, so the base is a weak generalist (``modular train``, one process);
 3. inject: its MLPs upcycled into a 4-expert top-2 MoE, then AdaMoE null experts injected
    (the base of every task model and of the merges);
 4. fine-tune: one model per task with LISA and 1-bit Adam under DeepSpeed ZeRO-0, two processes
-   (``deepspeed --num_gpus 2 --module finetune.train``);
+   (``deepspeed --num_gpus 2 --module modular.app.train``);
 5. merge: task arithmetic (λ 0.3, through the ``modular merge`` CLI) and AdaMerging, task-wise
    and layer-wise (entropy of each task's label-word distribution on its unlabelled test prompts);
 6. evaluate every model on every task, and write ``report.html`` (``modular report``).
@@ -32,7 +32,9 @@ from pathlib import Path
 
 import yaml
 
-__all__ = ["DemoConfig", "add_parser", "run_demo"]
+from modular.checkpoint import atomic_write_text
+
+__all__ = ["DemoConfig", "run_demo"]
 
 PROMPT_CUES = {"pos": "part of speech:", "domain": "subject:", "etymology": "origin:"}
 
@@ -74,9 +76,8 @@ def _strip_subject_labels(text: str) -> str:
 
 
 def prepare_data(cfg: DemoConfig, data_dir: Path) -> None:
-    from modular.corpora import gcide_paragraphs
-    from modular.tasks import text_tasks
-    from modular.testing import tiny_tokenizer
+    from .corpora import gcide_paragraphs, train_tokenizer
+    from .tasks import text_tasks
 
     if (data_dir / "done").is_file():
         return
@@ -87,7 +88,7 @@ def prepare_data(cfg: DemoConfig, data_dir: Path) -> None:
 
     tasks = text_tasks(tuple(cfg.tasks), seed=cfg.seed)
     words = [w for t in tasks.values() for w in t.classes]
-    tokenizer = tiny_tokenizer(text + words * 50, vocab_size=cfg.vocab_size)  # label words frequent enough to be tokens
+    tokenizer = train_tokenizer(text + words * 50, vocab_size=cfg.vocab_size)  # label words frequent enough to be tokens
     tokenizer.save_pretrained(data_dir / "tokenizer")
     seen = []
     for name, task in tasks.items():
@@ -109,9 +110,7 @@ def _task_rows(task, examples: list[tuple[str, int]]) -> list[dict]:
 
 
 def _write_jsonl(path: Path, rows) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.rename(path)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -126,8 +125,8 @@ def _write_recipe(path: Path, recipe: dict) -> Path:
 
 
 def pretrain(cfg: DemoConfig, out: Path) -> Path:
-    from finetune.recipe import load_recipe
-    from finetune.train import run_recipe
+    from .recipe import load_recipe
+    from .train import run_recipe
 
     run_dir = out / "runs" / "pretrain"
     if (run_dir / "model" / "config.json").is_file():
@@ -177,7 +176,7 @@ def build_base(cfg: DemoConfig, pretrained: Path, out: Path) -> Path:
 # ----------------------------------------------------------------------------- 4. fine-tune
 def finetune_task(cfg: DemoConfig, task: str, base: Path, out: Path) -> Path:
     """One task model, trained by ``cfg.processes`` DeepSpeed processes (resumes if interrupted)."""
-    from modular.testing import free_port
+    from finetune.launch import free_port
 
     run_dir = out / "runs" / task
     if (run_dir / "model" / "config.json").is_file():
@@ -196,7 +195,7 @@ def finetune_task(cfg: DemoConfig, task: str, base: Path, out: Path) -> Path:
     path = _write_recipe(run_dir / "recipe.yaml", recipe)
     launcher = Path(sys.executable).parent / "deepspeed"
     command = [str(launcher), "--num_gpus", str(cfg.processes), "--master_port", str(free_port()),
-               "--module", "finetune.train", str(path)]
+               "--module", "modular.app.train", str(path)]
     print("$ " + " ".join(command), flush=True)
     threads = str(max(1, (os.cpu_count() or 1) // cfg.processes))  # one rank per core: oversubscribed gloo ranks crawl
     proc = subprocess.run(command, cwd=run_dir, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": threads})
@@ -218,7 +217,7 @@ def _label_word_task(out: Path, task: str, with_labels: bool = True):
 
 def merge_task_arithmetic(cfg: DemoConfig, base: Path, task_models: dict[str, Path], out: Path) -> Path:
     """Through the ``modular merge`` CLI and a mergekit-style YAML, as a user would."""
-    from modular.cli import main as modular_main
+    from .cli import main as modular_main
 
     target = out / "merges" / "task_arithmetic"
     if (target / "config.json").is_file():
@@ -239,8 +238,7 @@ def merge_adamerging(cfg: DemoConfig, base: Path, task_models: dict[str, Path], 
     """AdaMerging (``granularity``-wise) on the unlabelled test prompts (their labels are not read)."""
     import torch
 
-    from merging import AdaMergingConfig
-    from merging.model_merge import adamerge_folders, save_merged_model
+    from merging import AdaMergingConfig, adamerge_folders
 
     target = out / "merges" / f"adamerging-{granularity}"
     if (target / "config.json").is_file():
@@ -248,8 +246,8 @@ def merge_adamerging(cfg: DemoConfig, base: Path, task_models: dict[str, Path], 
     tokenizer = _tokenizer(out)
     tasks = [_label_word_task(out, name, with_labels=False).entropy_task(tokenizer) for name in task_models]
     torch.manual_seed(cfg.seed)
-    model, result = adamerge_folders(base, task_models, tasks, AdaMergingConfig(**cfg.adamerging, granularity=granularity))
-    return save_merged_model(model, result, target, tokenizer_source=base)
+    adamerge_folders(base, task_models, tasks, AdaMergingConfig(**cfg.adamerging, granularity=granularity), out=target)
+    return target
 
 
 # ----------------------------------------------------------------------------- 6. evaluate
@@ -320,16 +318,9 @@ def _summary(evaluation: dict, report: Path, seconds: float) -> None:
     print(f"report: {report}")
 
 
-def _run(args: argparse.Namespace) -> int:
-    from .config_io import from_dict, read_yaml
+def run(args: argparse.Namespace) -> int:
+    from modular.config_io import from_dict, read_yaml
 
     cfg = from_dict(DemoConfig, read_yaml(args.config), args.config) if args.config else DemoConfig()
     run_demo(Path(args.out), cfg)
     return 0
-
-
-def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("demo", help="run the whole flow (inject, LISA + 1-bit Adam under DeepSpeed, merge, report) on CPU")
-    parser.add_argument("--out", default="demo-output", help="output folder; a re-run continues an interrupted demo (default: demo-output)")
-    parser.add_argument("--config", help="YAML overriding DemoConfig fields (sizes, steps, tasks); default: the embedded settings")
-    parser.set_defaults(func=_run)

@@ -6,7 +6,7 @@ import argparse
 import json
 from importlib.metadata import PackageNotFoundError, entry_points, version
 
-__all__ = ["add_parser", "environment_report"]
+__all__ = ["environment_report"]
 
 PACKAGES = ("modular-llm", "torch", "transformers", "peft", "deepspeed", "megablocks", "datasets", "safetensors", "accelerate")
 
@@ -65,16 +65,10 @@ def _print_report(report: dict) -> None:
         print("  note: megablocks is a GPU-only extra (pip install 'modular-llm[megablocks]' on a CUDA machine)")
 
 
-def _run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     report = environment_report()
     if args.json:
         print(json.dumps(report, indent=2))
     else:
         _print_report(report)
     return 0
-
-
-def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("doctor", help="show versions, devices and backends available to modular-llm")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.set_defaults(func=_run)

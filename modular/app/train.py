@@ -1,7 +1,7 @@
 """``modular train RECIPE.yaml``: the recipe runner (inject → fine-tune → save), read top to bottom.
 
-Runs the same way in one process, under ``torchrun --nproc_per_node N -m finetune.train
-RECIPE.yaml`` and under ``deepspeed --num_gpus N --module finetune.train RECIPE.yaml``.
+Runs the same way in one process, under ``torchrun --nproc_per_node N -m modular.app.train
+RECIPE.yaml`` and under ``deepspeed --num_gpus N --module modular.app.train RECIPE.yaml``.
 A re-run of the same recipe resumes from the last checkpoint in ``output_dir``; SIGTERM makes
 the run save a checkpoint at the end of the current step and stop, so a killed run loses
 nothing it had written. Outputs in ``output_dir``: ``checkpoint-*`` (Trainer), ``model/`` (the
@@ -16,7 +16,6 @@ import json
 import os
 import signal
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ from transformers import TrainerCallback
 
 from .recipe import Recipe, describe, load_recipe
 
-__all__ = ["add_parser", "run_recipe"]
+__all__ = ["run", "run_recipe"]
 
 
 def _is_distributed_launch() -> bool:
@@ -88,21 +87,13 @@ def _prompt_completion_rows(batch: dict, data, tokenizer) -> dict:
     return rows
 
 
-def _inject(model: torch.nn.Module, recipe: Recipe, calibration) -> torch.nn.Module:
+def _inject(model: torch.nn.Module, recipe: Recipe, calibration: list[dict]) -> torch.nn.Module:
+    """Apply the recipe's injections in order, each through its registry entry."""
+    from modular.injections import get_injection
+
     for item in recipe.injections:
-        kind, params = item["kind"], item["params"]
-        if kind == "upcycle":
-            from moe import upcycle_to_moe
-
-            model = upcycle_to_moe(model, **params)
-        elif kind == "adamoe":
-            from moe import AdaMoEConfig, inject_adamoe
-
-            inject_adamoe(model, AdaMoEConfig(**params))
-        elif kind == "acm":
-            from modular.acm import ACMConfig, acmize
-
-            model = acmize(model, ACMConfig(**params), calibration)
+        kind = get_injection(item["kind"])
+        model = kind.apply(model, kind.config(item["params"]), calibration if kind.needs_calibration else None)
     return model
 
 
@@ -111,7 +102,7 @@ def _optimizer_args(recipe: Recipe, max_steps: int) -> dict:
     opt = recipe.optimizer
     if opt.name == "adamw":
         return {}
-    from .onebit_adam import OneBitAdam
+    from finetune.onebit_adam import OneBitAdam
 
     freeze_step = opt.freeze_step or max(1, round(0.15 * max_steps))
     kwargs = dict(lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay, freeze_step=freeze_step)
@@ -175,7 +166,7 @@ def run_recipe(recipe: Recipe) -> Path:
     from transformers.trainer_utils import get_last_checkpoint
 
     if recipe.deepspeed is not None and not torch.cuda.is_available():
-        from .deepspeed_configs import cpu_deepspeed_state
+        from finetune.launch import cpu_deepspeed_state
 
         cpu_deepspeed_state()  # accelerate would otherwise see one process per rank on CPU
     print(f"modular train: {describe(recipe)}", flush=True)
@@ -195,11 +186,11 @@ def run_recipe(recipe: Recipe) -> Path:
     args = _training_arguments(recipe)
     callbacks = [GracefulStop()]
     if recipe.lisa is not None:
-        from .lisa import LisaCallback
+        from finetune.lisa import LisaCallback
 
-        callbacks.append(LisaCallback(**asdict(recipe.lisa)))
+        callbacks.append(LisaCallback(recipe.lisa))
     if any(i["kind"] == "adamoe" for i in recipe.injections):
-        from .aux_loss import MoEAuxLossCallback
+        from finetune.aux_loss import MoEAuxLossCallback
 
         callbacks.append(MoEAuxLossCallback())
     trainer = Trainer(
@@ -212,7 +203,7 @@ def run_recipe(recipe: Recipe) -> Path:
         **_optimizer_args(recipe, args.max_steps),
     )
     if recipe.optimizer.name == "onebit_adam":
-        from .onebit_adam import SkipHostAllReduceCallback
+        from finetune.onebit_adam import SkipHostAllReduceCallback
 
         trainer.add_callback(SkipHostAllReduceCallback(trainer))
 
@@ -231,14 +222,15 @@ def run_recipe(recipe: Recipe) -> Path:
 
 
 def _write_outputs(trainer, tokenizer, final: Path, metrics: dict, eval_data) -> None:
-    from modular.checkpoint import atomic_output_dir
+    from modular.checkpoint import atomic_output_dir, atomic_write_text
+    from modular.surgery import injection_records
 
     model = trainer.model
     with atomic_output_dir(final, force=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     metrics["log_history"] = trainer.state.log_history
-    if any(r["kind"] == "adamoe" for r in getattr(model.config, "modular_injections", []) or []) and eval_data is not None:
+    if any(r["kind"] == "adamoe" for r in injection_records(model)) and eval_data is not None:
         from moe import mean_experts_per_token, routing_stats
 
         batch = trainer.data_collator([eval_data[i] for i in range(min(8, len(eval_data)))])
@@ -250,19 +242,17 @@ def _write_outputs(trainer, tokenizer, final: Path, metrics: dict, eval_data) ->
     if schedule.is_file():
         metrics["lisa_schedule"] = json.loads(schedule.read_text())
     out = Path(trainer.args.output_dir)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=float))
     _plot_loss(metrics["log_history"], out / "loss.png")
     print(f"modular train: model in {final}, metrics in {out / 'metrics.json'}", flush=True)
 
 
 def _plot_loss(history: list[dict], path: Path) -> None:
-    import matplotlib
+    from modular.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .report import draw_losses
 
-    from modular.report import draw_losses
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     draw_losses(ax, history)
     fig.tight_layout()
@@ -270,25 +260,20 @@ def _plot_loss(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _run(args: argparse.Namespace) -> int:
-    run_recipe(load_recipe(args.recipe))
-    from .comm import close_process_group
+def run(args: argparse.Namespace) -> int:
+    """``modular train RECIPE``."""
+    from finetune.launch import close_process_group
 
+    run_recipe(load_recipe(args.recipe))
     close_process_group()
     return 0
 
 
-def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("train", help="fine-tune a model from a recipe YAML (inject, LISA, 1-bit Adam, DeepSpeed)")
-    parser.add_argument("recipe", help="the recipe file (see finetune/recipe.py)")
-    parser.set_defaults(func=_run)
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m finetune.train")
+    parser = argparse.ArgumentParser(prog="python -m modular.app.train")
     parser.add_argument("recipe")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
-    return _run(parser.parse_args(argv))
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

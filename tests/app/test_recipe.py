@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from finetune.recipe import load_recipe
+from modular.app.recipe import load_recipe
 from modular.config_io import ConfigError
 
 

@@ -6,8 +6,8 @@ import random
 import pytest
 import yaml
 
-from modular.cli import main
-from modular.testing import tiny_tokenizer
+from modular.app.cli import main
+from modular.app.corpora import train_tokenizer
 
 FRUITS = {"apple": "red", "banana": "yellow", "lime": "green"}
 SHAPES = {"ball": "round", "box": "square", "pyramid": "pointed"}
@@ -38,7 +38,7 @@ def demo_run(tmp_path_factory):
         _write_jsonl(data / f"{name}_train.jsonl", _task_rows(mapping, cue, 32, rng))
         _write_jsonl(data / f"{name}_test.jsonl", _task_rows(mapping, cue, 12, rng))
         (data / f"{name}_classes.json").write_text(json.dumps(sorted(set(mapping.values()))))
-    tiny_tokenizer(text + list(FRUITS.values()) * 5 + list(SHAPES.values()) * 5, vocab_size=200).save_pretrained(data / "tokenizer")
+    train_tokenizer(text + list(FRUITS.values()) * 5 + list(SHAPES.values()) * 5, vocab_size=200).save_pretrained(data / "tokenizer")
     (data / "done").write_text("")
     config = {
         "tasks": ["fruit", "shape"],

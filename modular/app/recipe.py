@@ -1,11 +1,11 @@
 """The ``modular train`` recipe: one YAML file, parsed once into typed sections.
 
-Example (``examples/recipes/lisa_adamoe.yaml``)::
+Example (``examples/recipes/adamoe_lisa_onebit.yaml`` is a complete one)::
 
     model:
       config: {model_type: llama, hidden_size: 64, num_hidden_layers: 4, ...}   # or path: ./my-model
       tokenizer: ./tokenizer
-    injections:
+    injections:                        # kinds from the injection registry (modular.injections)
       - upcycle: {num_experts: 4, top_k: 2}
       - adamoe: {num_null_experts: 4, top_k: 3}
     data: {train: data/train.jsonl, eval: data/eval.jsonl, text_field: text, max_length: 128}
@@ -29,11 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from finetune.lisa import LisaConfig
 from modular.config_io import ConfigError, from_dict, read_yaml
+from modular.injections import get_injection, injection_kinds
 
-__all__ = ["Recipe", "load_recipe", "INJECTION_KINDS"]
+__all__ = ["Recipe", "describe", "load_recipe"]
 
-INJECTION_KINDS = ("upcycle", "adamoe", "acm")
 DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".txt": "text"}
 
 
@@ -80,15 +81,6 @@ class DataSection:
 
 
 @dataclass
-class LisaSection:
-    num_active_layers: int = 2
-    interval_steps: int = 20
-    train_embeddings: bool = True
-    train_head: bool = True
-    seed: int = 0
-
-
-@dataclass
 class OptimizerSection:
     name: Literal["adamw", "onebit_adam"] = "adamw"
     lr: float = 5e-5
@@ -108,7 +100,7 @@ class Recipe:
     data: DataSection
     output_dir: str
     injections: list[dict] = field(default_factory=list)
-    lisa: LisaSection | None = None
+    lisa: LisaConfig | None = None
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
     deepspeed: str | None = None
     training: dict = field(default_factory=dict)
@@ -126,7 +118,7 @@ def _resolve(base: Path, value: str | None) -> str | None:
 
 
 def _deepspeed_config(base: Path, value: str, where: str) -> str:
-    from .deepspeed_configs import deepspeed_config_path  # packaged configs, by name
+    from finetune.deepspeed_configs import deepspeed_config_path  # packaged configs, by name
 
     candidate = base / value
     if candidate.is_file():
@@ -137,39 +129,17 @@ def _deepspeed_config(base: Path, value: str, where: str) -> str:
         raise ConfigError(f"{where}: {value!r} is neither a file nor a packaged DeepSpeed config name") from None
 
 
-@dataclass
-class UpcycleSection:
-    """Arguments of ``moe.upcycle_to_moe``."""
-
-    num_experts: int = 8
-    top_k: int = 2
-    noise_std: float = 0.0
-    seed: int = 0
-
-
-def _config_class(kind: str) -> type:
-    if kind == "upcycle":
-        return UpcycleSection
-    if kind == "adamoe":
-        from moe import AdaMoEConfig
-
-        return AdaMoEConfig
-    from modular.acm import ACMConfig
-
-    return ACMConfig
-
-
 def _check_injections(injections: list, where: str) -> list[dict]:
     checked = []
     for i, item in enumerate(injections):
         if not (isinstance(item, dict) and len(item) == 1):
             raise ConfigError(f"{where}[{i}]: expected one mapping like `adamoe: {{...}}`, got {item!r}")
         ((kind, params),) = item.items()
-        if kind not in INJECTION_KINDS:
-            raise ConfigError(f"{where}[{i}]: unknown injection {kind!r}; expected one of {', '.join(INJECTION_KINDS)}")
+        if kind not in injection_kinds():
+            raise ConfigError(f"{where}[{i}]: unknown injection {kind!r}; expected one of {', '.join(injection_kinds())}")
         if params is not None and not isinstance(params, dict):
             raise ConfigError(f"{where}[{i}].{kind}: expected a mapping of settings, got {params!r}")
-        from_dict(_config_class(kind), params or {}, f"{where}[{i}].{kind}")
+        from_dict(get_injection(kind).config_class, params or {}, f"{where}[{i}].{kind}")
         checked.append({"kind": kind, "params": params or {}})
     kinds = [c["kind"] for c in checked]
     if "upcycle" in kinds and "adamoe" in kinds and kinds.index("upcycle") > kinds.index("adamoe"):

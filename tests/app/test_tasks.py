@@ -1,11 +1,11 @@
-"""Classification tasks (modular.tasks) on synthetic dictionary entries and package
+"""Classification tasks (modular.app.tasks) on synthetic dictionary entries and package
 descriptions (no GCIDE, no apt index needed)."""
 
 from __future__ import annotations
 
 import pytest
 
-from modular import tasks
+from modular.app import tasks
 
 FIELD_LABELS = {"Anat": "anatomy", "Min": "mineralogy", "Naut": "navigation", "Mus": "music", "Arch": "architecture"}
 

@@ -22,7 +22,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["ReportInputs", "add_parser", "collect", "draw_losses", "write_report"]
+from modular.checkpoint import atomic_write_text
+
+__all__ = ["ReportInputs", "collect", "draw_losses", "write_report"]
 
 
 @dataclass
@@ -72,11 +74,9 @@ def collect(paths: list[str | Path]) -> ReportInputs:
 
 # ----------------------------------------------------------------------------- plots
 def _figure(width: float, height: float, cols: int = 1):
-    import matplotlib
+    from modular.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, cols, figsize=(width, height), squeeze=False)
     return plt, fig, axes[0]
 
@@ -227,22 +227,10 @@ def write_report(paths: list[str | Path], out: str | Path, *, force: bool = True
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass --force to replace it")
-    page = render(collect(paths))
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(page)
-    tmp.replace(out)
-    return out
+    return atomic_write_text(out, render(collect(paths)))
 
 
-def _run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     out = write_report(args.paths, args.out, force=args.force)
     print(f"report written to {out}")
     return 0
-
-
-def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("report", help="render an HTML report (plots inlined) of training runs, merges and evaluations")
-    parser.add_argument("paths", nargs="+", metavar="RUN_DIR", help="folders with metrics.json / adamerging_coefficients.json / evaluation.json")
-    parser.add_argument("--out", default="report.html", help="the HTML file to write (default: report.html)")
-    parser.add_argument("--force", action="store_true", help="replace an existing report")
-    parser.set_defaults(func=_run)

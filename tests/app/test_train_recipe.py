@@ -10,11 +10,12 @@ import time
 import pytest
 import torch
 
-from finetune.recipe import load_recipe
-from finetune.train import run_recipe
+from finetune.launch import free_port
 from modular import load_model
+from modular.app.corpora import train_tokenizer
+from modular.app.recipe import load_recipe
+from modular.app.train import run_recipe
 from modular.surgery import injection_records
-from modular.testing import free_port, tiny_tokenizer
 
 TEXT = (
     "A mixture of experts routes each token to a few experts. Null experts cost nothing. "
@@ -27,7 +28,7 @@ def recipe_dir(tmp_path):
     lines = [{"text": f"{TEXT} Sentence number {i}."} for i in range(40)]
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in lines[:32]))
     (tmp_path / "eval.jsonl").write_text("\n".join(json.dumps(r) for r in lines[32:]))
-    tiny_tokenizer([TEXT]).save_pretrained(tmp_path / "tok")
+    train_tokenizer([TEXT]).save_pretrained(tmp_path / "tok")
     return tmp_path
 
 
@@ -63,7 +64,7 @@ def test_sigterm_then_rerun_resumes_from_the_last_checkpoint(recipe_dir, write_r
         recipe_dir, TINY_RUN_RECIPE, injections=[], lisa=None,
         training={"max_steps": 400, "per_device_train_batch_size": 2, "logging_steps": 1, "save_steps": 2},
     )
-    command = [sys.executable, "-m", "finetune.train", str(path)]
+    command = [sys.executable, "-m", "modular.app.train", str(path)]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     run = recipe_dir / "run"
     deadline = time.time() + 240
@@ -97,7 +98,7 @@ def test_whole_stack_under_the_deepspeed_launcher(recipe_dir, write_recipe):
     )
     launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     proc = subprocess.run(
-        [launcher, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "finetune.train", str(path)],
+        [launcher, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "modular.app.train", str(path)],
         capture_output=True, text=True, timeout=600, cwd=recipe_dir,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -108,10 +109,10 @@ def test_whole_stack_under_the_deepspeed_launcher(recipe_dir, write_recipe):
 
 
 def test_prompt_completion_rows_learn_the_completion_only(recipe_dir, write_recipe):
-    from finetune.train import _prompt_completion_rows
-    from modular.testing import tiny_tokenizer
+    from modular.app.corpora import train_tokenizer
+    from modular.app.train import _prompt_completion_rows
 
-    tokenizer = tiny_tokenizer([TEXT])
+    tokenizer = train_tokenizer([TEXT])
     data = load_recipe(write_recipe(recipe_dir, TINY_RUN_RECIPE, data={"train": "train.jsonl", "prompt_field": "q", "completion_field": "a", "max_length": 12})).data
     rows = _prompt_completion_rows({"q": ["experts route", "a b c d e f g h i j k l m n"], "a": [" tokens", " x"]}, data, tokenizer)
     prompt = tokenizer("experts route", add_special_tokens=False)["input_ids"]

@@ -1,27 +1,21 @@
-"""Merge methods: pure functions ``(base, deltas, **params) -> merged tensor``, registered by name.
+"""Tensor operations shared by the merge methods: weighting and stacking the K deltas of one
+tensor, magnitude trimming, DARE's drop-and-rescale, TIES' sign election and disjoint combine.
 
-Every function sees ONE parameter tensor: ``base`` (any shape S) and ``deltas``, a sequence of K
-task-vector slices of shape S (θ_k − θ_0 for that tensor). They never see a model, so the
-streaming code (``merging.streaming``) and AdaMerging call the same functions.
-
-Per-model parameters (``weights``, ``density``) are sequences of length K, or one float used
-for every model. Computation is in the deltas' dtype (float32 from ``TaskVector``); the caller
-casts the result.
-
-Where projects disagree (METHODS.md, "TIES and DARE"):
+Where projects disagree (``docs/methods.md``, "TIES and DARE"):
 
 * TIES "combine" step, ``combine=``:
-  ``"mergekit"`` (default) = Σ_k w_k δ_k m_k / Σ_k w_k m_k (mergekit's ``normalize: true``);
+  ``"mergekit"`` = Σ_k w_k δ_k m_k / Σ_k w_k m_k (mergekit's ``normalize: true``);
   ``"mean"`` = Σ_k w_k δ_k m_k / Σ_k m_k (PEFT's disjoint mean);
-  ``"sum"`` = Σ_k w_k δ_k m_k (the AdaMerging code, with ``lambda_=0.3``; mergekit's
+  ``"sum"`` = Σ_k w_k δ_k m_k (the AdaMerging code, with ``lambda=0.3``; mergekit's
   ``normalize: false``). With all weights 1, "mergekit" and "mean" coincide.
-  The default follows mergekit so that a mergekit YAML gives mergekit's result.
 * TIES trimming keeps the top-``density`` magnitudes of each tensor separately (mergekit), not
   over the whole flattened task vector (TIES paper, FusionBench): streaming needs it.
 * DARE rescales survivors by exactly 1/density (paper); mergekit rescales to the L1 norm of the
   undropped delta instead. Both equal 1/density in expectation.
 * Sign election: +1 where Σ_k w_k δ_k ≥ 0 (ties go to +, as mergekit and PEFT); entries whose
   trimmed delta is 0 never agree with the elected sign.
+
+Computation is in the deltas' dtype (float32 from ``TaskVector``); the caller casts the result.
 """
 
 from __future__ import annotations
@@ -32,47 +26,22 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 __all__ = [
-    "MERGE_METHODS",
-    "dare_linear",
-    "dare_ties",
-    "drop_and_rescale",
-    "elect_sign",
-    "get_merge_method",
-    "register_merge_method",
-    "task_arithmetic",
-    "ties",
-    "ties_process",
-    "trim_magnitude",
+    "COMBINES", "combine_disjoint", "drop_and_rescale", "elect_sign", "finish", "per_model", "stack_weighted",
+    "sum_weighted", "trim_magnitude",
 ]
 
-MergeFn = Callable[..., torch.Tensor]
-MERGE_METHODS: dict[str, MergeFn] = {}
 COMBINES = ("mergekit", "mean", "sum")
 CONCURRENT_MAX_BYTES = 64 * 2**20
 
 
-def register_merge_method(name: str) -> Callable[[MergeFn], MergeFn]:
-    def decorate(fn: MergeFn) -> MergeFn:
-        MERGE_METHODS[name] = fn
-        return fn
-
-    return decorate
-
-
-def get_merge_method(name: str) -> MergeFn:
-    if name not in MERGE_METHODS:
-        raise KeyError(f"unknown merge method {name!r}; known: {', '.join(sorted(MERGE_METHODS))}, adamerging")
-    return MERGE_METHODS[name]
-
-
-def _per_model(value: float | Sequence[float], k: int, what: str) -> list[float]:
+def per_model(value: float | Sequence[float], k: int, what: str) -> list[float]:
     values = [float(value)] * k if isinstance(value, (int, float)) else [float(v) for v in value]
     if len(values) != k:
         raise ValueError(f"{what}: got {len(values)} values for {k} task vectors")
     return values
 
 
-def _stack_weighted(
+def stack_weighted(
     deltas: Sequence[torch.Tensor], weights: Sequence[float], transform: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     *, concurrent: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,7 +122,7 @@ def elect_sign(weighted: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-def _combine(weighted: torch.Tensor, w: torch.Tensor, mask: torch.Tensor, combine: str) -> torch.Tensor:
+def combine_disjoint(weighted: torch.Tensor, w: torch.Tensor, mask: torch.Tensor, combine: str) -> torch.Tensor:
     """Disjoint combine of ``weighted`` (K, *S) over the entries where ``mask``; overwrites ``weighted``."""
     if combine not in COMBINES:
         raise ValueError(f"combine={combine!r} is not allowed; expected one of {', '.join(COMBINES)}")
@@ -167,74 +136,13 @@ def _combine(weighted: torch.Tensor, w: torch.Tensor, mask: torch.Tensor, combin
     return mixed / divisor
 
 
-def _sum(weighted: torch.Tensor, w: torch.Tensor, normalize: bool) -> torch.Tensor:
+def sum_weighted(weighted: torch.Tensor, w: torch.Tensor, normalize: bool) -> torch.Tensor:
     mixed = weighted.sum(dim=0)
     total = w.sum()
     return mixed / total if normalize and total.abs() >= 1e-8 else mixed
 
 
-def _finish(base: torch.Tensor, mixed: torch.Tensor, lambda_: float) -> torch.Tensor:
+def finish(base: torch.Tensor, mixed: torch.Tensor, lambda_: float) -> torch.Tensor:
     if lambda_ != 1:
         mixed = mixed * lambda_
     return base + mixed
-
-
-@register_merge_method("task_arithmetic")
-def task_arithmetic(
-    base: torch.Tensor, deltas: Sequence[torch.Tensor], *, weights: float | Sequence[float] = 1.0,
-    lambda_: float = 1.0, normalize: bool = False,
-) -> torch.Tensor:
-    """θ_0 + λ Σ_k w_k δ_k (divided by Σ_k w_k when ``normalize``, as mergekit's option)."""
-    weighted, w = _stack_weighted(deltas, _per_model(weights, len(deltas), "weights"))
-    return _finish(base, _sum(weighted, w, normalize), lambda_)
-
-
-def ties_process(
-    deltas: Sequence[torch.Tensor], *, weights: float | Sequence[float] = 1.0, density: float | Sequence[float] = 0.2,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """TIES steps 1–2 on one tensor: trim each δ_k to its top-``density``, weight, elect sign.
-
-    Returns ``(weighted (K, *S), weights (K, 1, ...), agree mask (K, *S))``. AdaMerging++ uses
-    ``weighted * agree`` as its processed task vectors.
-    """
-    k = len(deltas)
-    densities = _per_model(density, k, "density")
-    weighted, w = _stack_weighted(deltas, _per_model(weights, k, "weights"), lambda i, d: trim_magnitude(d, densities[i]), concurrent=True)
-    return weighted, w, elect_sign(weighted)
-
-
-@register_merge_method("ties")
-def ties(
-    base: torch.Tensor, deltas: Sequence[torch.Tensor], *, weights: float | Sequence[float] = 1.0,
-    density: float | Sequence[float] = 0.2, lambda_: float = 1.0, combine: str = "mergekit",
-) -> torch.Tensor:
-    """TIES-merging: trim to top-``density`` per tensor, elect sign, disjoint combine, × λ."""
-    weighted, w, mask = ties_process(deltas, weights=weights, density=density)
-    return _finish(base, _combine(weighted, w, mask, combine), lambda_)
-
-
-def _dare(density: float | Sequence[float], k: int, seed: int) -> Callable[[int, torch.Tensor], torch.Tensor]:
-    """Row transform dropping δ_i with its own density; one generator, rows in order (reproducible)."""
-    densities, generator = _per_model(density, k, "density"), torch.Generator().manual_seed(seed)
-    return lambda i, d: drop_and_rescale(d, densities[i], generator)
-
-
-@register_merge_method("dare_linear")
-def dare_linear(
-    base: torch.Tensor, deltas: Sequence[torch.Tensor], *, weights: float | Sequence[float] = 1.0,
-    density: float | Sequence[float] = 0.5, lambda_: float = 1.0, seed: int = 0, normalize: bool = False,
-) -> torch.Tensor:
-    """DARE then task arithmetic. ``seed`` seeds this tensor's drop masks (streaming derives it per tensor)."""
-    weighted, w = _stack_weighted(deltas, _per_model(weights, len(deltas), "weights"), _dare(density, len(deltas), seed))
-    return _finish(base, _sum(weighted, w, normalize), lambda_)
-
-
-@register_merge_method("dare_ties")
-def dare_ties(
-    base: torch.Tensor, deltas: Sequence[torch.Tensor], *, weights: float | Sequence[float] = 1.0,
-    density: float | Sequence[float] = 0.5, lambda_: float = 1.0, seed: int = 0, combine: str = "sum",
-) -> torch.Tensor:
-    """DARE then TIES sign election and combine (no magnitude trim). Default ``combine="sum"``
-    as mergekit's ``dare_ties`` (``normalize: false``)."""
-    weighted, w = _stack_weighted(deltas, _per_model(weights, len(deltas), "weights"), _dare(density, len(deltas), seed))
-    return _finish(base, _combine(weighted, w, elect_sign(weighted), combine), lambda_)

@@ -1,0 +1,112 @@
+"""Named tensor sources, and the one check that two of them can be merged.
+
+A *source* answers ``names()``, ``shape(name)``, ``dtype(name)``, ``get(name)`` and ``config()``.
+Checkpoint folders are read through ``modular.checkpoint.SafetensorsCheckpoint`` one tensor at a
+time; modules and dicts are wrapped without copies, so merging never holds a whole model.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+
+import torch
+
+from modular.checkpoint import SafetensorsCheckpoint
+
+__all__ = ["DTYPES", "DictSource", "as_source", "check_compatible", "first_mismatches", "parse_size"]
+
+DEFAULT_SHARD_BYTES = 500 * 2**20
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_size(size: int | str) -> int:
+    """``"500MB"``, ``"2GB"``, ``"1GiB"`` or an int -> bytes."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*", str(size), re.IGNORECASE)
+    if not match:
+        raise ValueError(f"shard size {size!r}: expected bytes or a size like '500MB' / '2GB'")
+    unit = (match.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
+    return int(float(match.group(1)) * scale)
+
+
+class DictSource:
+    """Named tensors already in memory (a ``state_dict`` or a plain dict)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], label: str = "in-memory tensors", config: dict | None = None):
+        self.tensors = tensors
+        self.label = label
+        self._config = config
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def shape(self, name: str) -> torch.Size:
+        return self.tensors[name].shape
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.tensors[name].dtype
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.tensors[name].detach()
+
+    def config(self) -> dict | None:
+        return self._config
+
+    def __repr__(self) -> str:
+        return self.label
+
+
+Source = SafetensorsCheckpoint | DictSource
+
+
+def as_source(obj) -> Source:
+    """A folder path, a ``torch.nn.Module``, a dict of tensors, or an existing source."""
+    if isinstance(obj, (SafetensorsCheckpoint, DictSource)):
+        return obj
+    if isinstance(obj, torch.nn.Module):
+        config = getattr(obj, "config", None)
+        return DictSource(obj.state_dict(), label=type(obj).__name__, config=config.to_dict() if config is not None else None)
+    if isinstance(obj, Mapping):
+        return DictSource(obj)
+    if isinstance(obj, (str, os.PathLike)):
+        return SafetensorsCheckpoint(obj)
+    raise TypeError(f"cannot read tensors from {type(obj).__name__}; give a folder, a module or a dict of tensors")
+
+
+def first_mismatches(items: list[str], limit: int = 5) -> str:
+    more = f" (and {len(items) - limit} more)" if len(items) > limit else ""
+    return "; ".join(items[:limit]) + more
+
+
+def check_compatible(base: Source, other, *, what: str = "model", require_same_names: bool = True) -> None:
+    """Raise ``ValueError`` if ``other`` (a source or a task vector) cannot be merged into ``base``.
+
+    Checks vocab sizes from the configs first (the usual cause of embedding mismatches), then
+    names and shapes; the message lists the first mismatching tensors. ``require_same_names``:
+    every base tensor must be in ``other`` (full models); task vectors may cover a subset.
+    """
+    base_cfg, other_cfg = base.config() or {}, (other.config() if hasattr(other, "config") else None) or {}
+    vb, vo = base_cfg.get("vocab_size"), other_cfg.get("vocab_size")
+    if vb is not None and vo is not None and vb != vo:
+        raise ValueError(
+            f"vocab sizes differ: base {base!r} has vocab_size {vb}, {what} {other!r} has {vo}; "
+            "resize the fine-tuned model's embeddings to the base vocabulary before merging"
+        )
+    base_names, other_names = set(base.names()), set(other.names())
+    problems = []
+    if require_same_names:
+        problems += [f"{n!r} missing from {what}" for n in base.names() if n not in other_names]
+    problems += [f"{n!r} not in base" for n in other.names() if n not in base_names]
+    problems += [
+        f"{n!r} has shape {tuple(other.shape(n))} in {what}, {tuple(base.shape(n))} in base"
+        for n in other.names()
+        if n in base_names and other.shape(n) != base.shape(n)
+    ]
+    if problems:
+        raise ValueError(
+            f"{what} {other!r} does not match base {base!r} (different architecture or shapes): {first_mismatches(problems)}"
+        )
