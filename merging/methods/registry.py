@@ -11,6 +11,10 @@ user's own module is usable from YAML with no other edit::
     def scaled_sum(base, deltas, *, weights, scale):
         return base + scale * sum(w * d for w, d in zip(weights, deltas))
 
+An installed package can also declare its methods in the ``modular.merge_methods`` entry-point
+group (``name = package.module``, the module that registers them): a config naming such a
+method imports it on first use.
+
 A method function sees ONE parameter tensor: ``base`` (any shape S) and ``deltas``, a sequence
 of K task-vector slices of shape S (θ_k − θ_0); it never sees a model, so the streaming merge
 calls it tensor by tensor. Every method takes ``weights`` (the per-model ``weight``, a
@@ -20,9 +24,11 @@ scalars; a method that declares ``seed`` gets a seed derived per tensor.
 
 from __future__ import annotations
 
+import importlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from typing import Any
 
 import torch
@@ -32,6 +38,7 @@ __all__ = [
     "register_merge_method",
 ]
 
+ENTRY_POINT_GROUP = "modular.merge_methods"
 MergeFn = Callable[..., torch.Tensor]
 Check = Callable[[Any], str | None]  # returns what was expected when the value is not allowed
 
@@ -158,11 +165,24 @@ def register_merge_method(name: str, *, parameters: Sequence[Parameter] = (), do
     return decorate
 
 
+def _load_entry_points(names: Iterable[str] | None = None) -> None:
+    """Import the modules that the ``modular.merge_methods`` entry points name (they register on import)."""
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if (names is None or ep.name in names) and ep.name not in _METHODS:
+            importlib.import_module(ep.value)
+            if ep.name not in _METHODS:
+                raise KeyError(f"entry point {ep.name} = {ep.value} (group {ENTRY_POINT_GROUP!r}) registered no method {ep.name!r}")
+
+
 def merge_method_names() -> list[str]:
+    """Every registered method, entry points included."""
+    _load_entry_points()
     return sorted(_METHODS)
 
 
 def get_merge_method(name: str) -> MergeMethod:
+    if name not in _METHODS:
+        _load_entry_points([name])
     if name not in _METHODS:
         raise KeyError(f"unknown merge method {name!r}; known: {', '.join(merge_method_names())}")
     return _METHODS[name]
