@@ -14,12 +14,14 @@ recipe or a checkpoint can use a kind whose package nobody imported yet. See
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint
 from typing import Any
 
 from torch import nn
+
+from .plugins import load_entry_points
 
 __all__ = ["InjectionError", "InjectionKind", "get_injection", "injection_kinds", "rebuild_injection", "register_injection"]
 
@@ -77,27 +79,25 @@ def register_injection(kind: InjectionKind, *, overwrite: bool = False) -> Injec
     return kind
 
 
-def _load_entry_points(names: Iterable[str] | None = None) -> None:
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if (names is None or ep.name in names) and ep.name not in _KINDS:
-            kind = ep.load()
-            if not isinstance(kind, InjectionKind) or kind.name != ep.name:
-                raise InjectionError(
-                    f"entry point {ep.name} = {ep.value} in group {ENTRY_POINT_GROUP!r} must name an InjectionKind "
-                    f"called {ep.name!r}, got {kind!r}"
-                )
-            register_injection(kind)
+def _register_entry_point(ep: EntryPoint) -> None:
+    kind = ep.load()
+    if not isinstance(kind, InjectionKind) or kind.name != ep.name:
+        raise InjectionError(
+            f"entry point {ep.name} = {ep.value} in group {ENTRY_POINT_GROUP!r} must name an InjectionKind "
+            f"called {ep.name!r}, got {kind!r}"
+        )
+    register_injection(kind)
 
 
 def injection_kinds() -> list[str]:
     """Names of every registered kind, entry points included."""
-    _load_entry_points()
+    load_entry_points(ENTRY_POINT_GROUP, _KINDS, _register_entry_point)
     return sorted(_KINDS)
 
 
 def get_injection(name: str) -> InjectionKind:
     if name not in _KINDS:
-        _load_entry_points([name])
+        load_entry_points(ENTRY_POINT_GROUP, _KINDS, _register_entry_point, [name])
     if name not in _KINDS:
         raise InjectionError(
             f"injection kind {name!r} is not registered (known: {', '.join(injection_kinds())}); import the package "

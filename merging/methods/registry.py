@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint
 from typing import Any
 
 import torch
+
+from modular.plugins import load_entry_points
 
 __all__ = [
     "MergeMethod", "Parameter", "finite", "get_merge_method", "in_range", "is_bool", "merge_method_names", "one_of",
@@ -165,24 +167,22 @@ def register_merge_method(name: str, *, parameters: Sequence[Parameter] = (), do
     return decorate
 
 
-def _load_entry_points(names: Iterable[str] | None = None) -> None:
-    """Import the modules that the ``modular.merge_methods`` entry points name (they register on import)."""
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if (names is None or ep.name in names) and ep.name not in _METHODS:
-            importlib.import_module(ep.value)
-            if ep.name not in _METHODS:
-                raise KeyError(f"entry point {ep.name} = {ep.value} (group {ENTRY_POINT_GROUP!r}) registered no method {ep.name!r}")
+def _import_entry_point(ep: EntryPoint) -> None:
+    """Import the module an entry point names; it registers its methods on import."""
+    importlib.import_module(ep.value)
+    if ep.name not in _METHODS:
+        raise KeyError(f"entry point {ep.name} = {ep.value} (group {ENTRY_POINT_GROUP!r}) registered no method {ep.name!r}")
 
 
 def merge_method_names() -> list[str]:
     """Every registered method, entry points included."""
-    _load_entry_points()
+    load_entry_points(ENTRY_POINT_GROUP, _METHODS, _import_entry_point)
     return sorted(_METHODS)
 
 
 def get_merge_method(name: str) -> MergeMethod:
     if name not in _METHODS:
-        _load_entry_points([name])
+        load_entry_points(ENTRY_POINT_GROUP, _METHODS, _import_entry_point, [name])
     if name not in _METHODS:
         raise KeyError(f"unknown merge method {name!r}; known: {', '.join(merge_method_names())}")
     return _METHODS[name]
