@@ -10,7 +10,6 @@ paths start at one layer (block). Embeddings and the output head come from HF's
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from torch import nn
@@ -223,17 +222,6 @@ class ModelArchitecture:
         for name, p in self.model.named_parameters():
             roles[name] = param_role.get(id(p), "other")
         return roles
-
-    def describe(self) -> dict:
-        """A JSON-friendly summary, for ``modular doctor``-style printing and tests."""
-        return {
-            "model_type": self.model_type,
-            "spec": dataclasses.asdict(self.spec),
-            "num_layers": self.num_layers,
-            "dense_mlps": len(self.mlps()),
-            "moe_blocks": len(self.moe_blocks()),
-            "embeddings_tied": self.embeddings_tied,
-        }
 
 
 def architecture_of(model: nn.Module) -> ModelArchitecture:

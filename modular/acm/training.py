@@ -60,9 +60,7 @@ def finetune_end_to_end(
     item can carry anything ``task_loss`` needs (e.g. ``(inputs, targets)``). Returns the
     per-step ``{"task", "penalty"}`` values.
     """
-    layers = [layer for _, layer in acm_modules(model)]
-    if not layers:
-        raise ValueError("finetune_end_to_end: the model has no ACM modules (run acmize first)")
+    layers = [layer for _, layer in acm_modules(model)]  # raises when the model has no ACM
     if not batches:
         raise ValueError("finetune_end_to_end: no batches")
     if steps <= 0 or lr <= 0:
