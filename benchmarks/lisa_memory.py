@@ -92,6 +92,10 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def worker(args) -> dict:
     """Train one method; returns its measurements (peak RSS of this process in MB)."""
     import torch
@@ -113,12 +117,17 @@ def worker(args) -> dict:
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
 
     class Probe(TrainerCallback):
-        """Wall time after the first step, and RSS at each LISA period end."""
+        """Wall time after the first step, RSS at each LISA period end, and the peak so far after the
+        setup (model, engine) and after each step: where the peak is reached."""
 
         def __init__(self):
-            self.t0, self.rss_by_period = None, []
+            self.t0, self.rss_by_period, self.peak_by_step = None, [], []
+
+        def on_train_begin(self, a, state, control, **kw):
+            self.peak_by_step.append(round(peak_mb()))
 
         def on_step_end(self, a, state, control, **kw):
+            self.peak_by_step.append(round(peak_mb()))
             if state.global_step == 1:
                 self.t0 = time.perf_counter()
             if state.global_step % args.interval == 0:
@@ -144,8 +153,8 @@ def worker(args) -> dict:
     model.eval()
     with torch.no_grad():
         losses = [model(input_ids=torch.tensor([r]), labels=torch.tensor([r])).loss.item() for r in eval_rows]
-    out = {"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "steps_per_s": steps_per_s,
-           "eval_loss": sum(losses) / len(losses), "rss_by_period_mb": probe.rss_by_period,
+    out = {"peak_mb": peak_mb(), "steps_per_s": steps_per_s, "eval_loss": sum(losses) / len(losses),
+           "rss_by_period_mb": probe.rss_by_period, "peak_after_setup_and_each_step_mb": probe.peak_by_step,
            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
            "n_params": sum(p.numel() for p in model.parameters())}
     if lisa is not None:
@@ -216,6 +225,7 @@ def summarize(results: dict, prefix: str) -> dict:
         summary[f"{prefix}lisa_over_full_peak"] = round(results["lisa"]["peak_mb"] / results["full"]["peak_mb"], 3)
         summary[f"{prefix}lisa_frozen_embed_over_lora_peak"] = round(results["lisa_frozen_embed"]["peak_mb"] / results["lora"]["peak_mb"], 3)
         summary[f"{prefix}lisa_rss_by_period_mb"] = results["lisa"]["rss_by_period_mb"]
+        summary["peak_after_setup_and_each_step_mb"] = {m: results[m].get("peak_after_setup_and_each_step_mb") for m in METHODS}
         summary["lisa_schedule"] = results["lisa"]["schedule"]
         summary["n_params"] = results["full"]["n_params"]
         if prefix:

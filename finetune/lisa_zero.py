@@ -77,25 +77,6 @@ class ZeroLayout:
         return out
 
 
-@dataclass
-class _Slice:
-    """Where one parameter's fp32 slice lies on this rank: ``numel`` elements from ``lp_start`` in the
-    flattened parameter, at ``hp_start`` in its group's flat partition."""
-
-    group: int
-    lp_start: int
-    hp_start: int
-    numel: int
-
-
-def _slice_of(p: nn.Parameter) -> _Slice | None:
-    mapping = getattr(p, "_hp_mapping", None)  # None: the parameter lies in other ranks' partitions
-    if mapping is None:
-        return None
-    return _Slice(mapping.param_group_index, mapping.lp_fragment_address.start,
-                  mapping.hp_fragment_address.start, mapping.hp_fragment_address.numel)
-
-
 def _flat_tensors(basic, index: int) -> dict[str, torch.Tensor]:
     """The group's flat fp32 partition (``"master"``) and its optimizer-state tensors of the same shape."""
     flat = basic.param_groups[index]["params"][0]
@@ -103,56 +84,102 @@ def _flat_tensors(basic, index: int) -> dict[str, torch.Tensor]:
     return {"master": flat, **{k: v for k, v in state.items() if torch.is_tensor(v) and v.shape == flat.shape}}
 
 
+def _carried_keys(p: nn.Parameter, tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The state to carry for ``p``: its moments, and its fp32 master unless the weight itself is fp32
+    (then the master equals the weight, and the new optimizer starts from it)."""
+    return [k for k in tensors if k != "master" or p.dtype != torch.float32]
+
+
+def _places(zero) -> dict[int, tuple[int, int]]:
+    """(offset in its group's flat buffer, buffer size) of every parameter the optimizer holds: the same
+    place in a same-sized buffer means the same slice on every rank."""
+    return {id(p): (offset, zero.bit16_groups_flat[i].numel())
+            for i, (params, offsets) in enumerate(zip(zero.round_robin_bit16_groups, zero.round_robin_bit16_offsets))
+            for p, offset in zip(params, offsets)}
+
+
+def _stash(basic, staying: list[nn.Parameter]) -> dict[int, tuple[int, dict[str, torch.Tensor]]]:
+    """Copies of this rank's slices of the staying parameters' state: (start in the flattened parameter,
+    tensors by key); parameters that lie in other ranks' partitions have none here."""
+    out = {}
+    for p in staying:
+        mapping = getattr(p, "_hp_mapping", None)
+        if mapping is not None:
+            address, tensors = mapping.hp_fragment_address, _flat_tensors(basic, mapping.param_group_index)
+            out[id(p)] = (mapping.lp_fragment_address.start,
+                          {k: tensors[k].narrow(0, address.start, address.numel).clone() for k in _carried_keys(p, tensors)})
+    return out
+
+
 @torch.no_grad()
 def rebuild_zero_optimizer(engine, wrapper, groups: list[list[nn.Parameter]], staying: list[nn.Parameter]) -> None:
     """Rebuild ``engine``'s ZeRO optimizer over ``groups`` (one parameter list per torch-optimizer group),
     carrying over the master weights and moments of ``staying``; ``wrapper`` (accelerate's optimizer
-    wrapper, or None) is pointed at the new optimizer. Every rank must call it with the same arguments."""
+    wrapper, or None) is pointed at the new optimizer. Every rank must call it with the same arguments.
+
+    Memory: the staying parameters' state is copied aside and the old optimizer freed before the new one
+    is built, so the peak above training is that copy plus the new flat copy of the active weights.
+    """
     old = zero_optimizer_of(engine)
     basic = engine.basic_optimizer
     group_of = {id(p): i for i, params in enumerate(groups) for p in params}
-    slices = {id(p): _slice_of(p) for p in staying}
-    old_tensors = [_flat_tensors(basic, i) for i in range(len(basic.param_groups))]
-    old_states = [basic.state.pop(g["params"][0], {}) for g in basic.param_groups]
+    stash, old_places = _stash(basic, staying), _places(old)
+    moment_keys = [[k for k in _flat_tensors(basic, i) if k != "master"] for i in range(len(groups))]
+    steps = [{k: v for k, v in basic.state.get(g["params"][0], {}).items() if k not in moment_keys[i]}
+             for i, g in enumerate(basic.param_groups)]
     leaving = [p for params in old.bit16_groups for p in params if id(p) not in group_of]
+    loss_scaler = old.loss_scaler
     old.destroy()
     for p in leaving:  # its own storage, so that the old flat buffer dies with the old optimizer
         p.data = p.data.clone()
+    basic.state.clear()
     for group, params in zip(basic.param_groups, groups):
         group["params"] = params
+    engine.optimizer = None
+    if wrapper is not None:
+        wrapper.optimizer = None
+    del old  # the last reference: its partitions, gradient buffers and flat weights are freed here
     new = engine._configure_zero_optimizer(basic)
-    new.loss_scaler = old.loss_scaler  # fp16's dynamic loss scale continues
+    new.loss_scaler = loss_scaler  # fp16's dynamic loss scale continues
     engine.optimizer = new
     if wrapper is not None:
         wrapper.optimizer = new
-    del old
-    for i, state in enumerate(old_states):
-        if state:  # before the first step there is no state to carry
-            basic.state[basic.param_groups[i]["params"][0]] = _fresh_state(state, old_tensors[i], basic.param_groups[i]["params"][0])
+    for group, keys, step in zip(basic.param_groups, moment_keys, steps):
+        if step:  # before the first step there is no state to carry
+            flat = group["params"][0]
+            basic.state[flat] = {**{k: v.clone() if torch.is_tensor(v) else v for k, v in step.items()},
+                                 **{k: torch.zeros_like(flat) for k in keys}}
+    if any(steps):
+        new._lazy_init_hp_params_optimizer_state()  # what its first step would do: per-parameter state views
+    new_places = _places(new)
     for p in staying:
-        _carry_over(p, slices[id(p)], _slice_of(p), old_tensors[group_of[id(p)]],
-                    _flat_tensors(basic, group_of[id(p)]), new.real_dp_process_group[group_of[id(p)]])
+        i = group_of[id(p)]
+        moved = old_places[id(p)] != new_places[id(p)]
+        _restore(p, stash.get(id(p)), moved, _flat_tensors(basic, i), new.real_dp_process_group[i])
 
 
-def _fresh_state(old: dict, old_tensors: dict[str, torch.Tensor], flat: torch.Tensor) -> dict:
-    """The group's new state: zero moments shaped like the new partition, the same step count."""
-    return {k: torch.zeros_like(flat) if k in old_tensors else v.clone() if torch.is_tensor(v) else v
-            for k, v in old.items()}
+def _restore(p: nn.Parameter, stashed, moved: bool, new_tensors: dict[str, torch.Tensor], dp_group) -> None:
+    """Copy ``p``'s stashed state into its slice of the new partitions.
 
-
-def _carry_over(p: nn.Parameter, old: _Slice | None, new: _Slice | None, old_tensors: dict[str, torch.Tensor],
-                new_tensors: dict[str, torch.Tensor], dp_group) -> None:
-    """Copy ``p``'s fp32 master and moments from its old slice to its new one.
-
-    Partition boundaries move with the set of parameters, so a slice this rank held may now belong to
-    another rank: each tensor is assembled at full size (the ranks' slices are disjoint and the others
-    add zeros, so the sum is exact) and every rank copies out its new slice.
+    Not ``moved`` (same place in a same-sized flat buffer: the usual case, every layer having the same
+    size): the slice is this rank's again, a local copy. Otherwise partition boundaries moved and the
+    slice may now be another rank's: each tensor is assembled at full size (slices are disjoint and the
+    other ranks add zeros, so the sum is exact) and every rank copies out its new slice. ``moved`` is the
+    same on every rank (places are global), so all ranks join the same collectives.
     """
-    for key, source in old_tensors.items():
-        full = torch.zeros(p.numel(), dtype=source.dtype, device=source.device)
-        if old is not None:
-            full.narrow(0, old.lp_start, old.numel).copy_(source.narrow(0, old.hp_start, old.numel))
+    mapping = getattr(p, "_hp_mapping", None)
+    for key in _carried_keys(p, new_tensors):
+        if not moved:
+            if mapping is not None:
+                address = mapping.hp_fragment_address
+                new_tensors[key].narrow(0, address.start, address.numel).copy_(stashed[1][key])
+            continue
+        full = torch.zeros(p.numel(), dtype=torch.float32, device=new_tensors[key].device)
+        if stashed is not None:
+            start, tensors = stashed
+            full.narrow(0, start, tensors[key].numel()).copy_(tensors[key])
         if dist.is_initialized() and dist.get_world_size(dp_group) > 1:
             dist.all_reduce(full, group=dp_group)
-        if new is not None:
-            new_tensors[key].narrow(0, new.hp_start, new.numel).copy_(full.narrow(0, new.lp_start, new.numel))
+        if mapping is not None:
+            lp = mapping.lp_fragment_address
+            new_tensors[key].narrow(0, mapping.hp_fragment_address.start, lp.numel).copy_(full.narrow(0, lp.start, lp.numel))

@@ -8,6 +8,7 @@ checkpoint mid-period and at a period boundary ends with the same weights.
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -178,3 +179,21 @@ def test_ddp_under_torchrun_trains_active_layers_only(tmp_path):
         assert doc["accelerate_num_processes"] == 2
         assert [s["changed"] for s in doc["steps"]] == [expected[i // K] for i in range(STEPS)]
     assert not set(docs[0]["seen"]) & set(docs[1]["seen"])
+
+
+def test_rebuild_on_a_bf16_engine_keeps_the_staying_state(tmp_path):
+    # A raw bf16 ZeRO-2 engine (DeepSpeed's bf16 runs on CPU through deepspeed.initialize): the flat
+    # buffers grow (slices move between ranks), shrink, then keep their size (slices stay put).
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "out.json"
+    command = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+               str(SCRIPT.parent / "lisa_zero_rebuild.py"), str(out)]
+    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=420)
+    assert proc.returncode == 0 and out.exists(), proc.stdout[-3000:] + proc.stderr[-5000:]
+    doc = json.loads(out.read_text())
+    assert doc["param_dtypes"] == ["torch.bfloat16"]
+    for rebuild in doc["rebuilds"]:  # fp32 master weights and both moments, exactly
+        assert rebuild["staying_state_kept"] and rebuild["new_moments_zero"] and rebuild["weights_kept"], rebuild
+    assert doc["held_all_ranks"] == [r["trainable"] for r in doc["rebuilds"]]  # sizes divide evenly here
+    assert doc["last_layer_trained"] and doc["frozen_unchanged"]
+    assert all(math.isfinite(x) for x in doc["losses"])
