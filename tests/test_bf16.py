@@ -271,3 +271,31 @@ def test_recipe_trains_in_the_model_dtype(dtype, recipe_dir):
 def test_precision_combinations_that_lose_fp32_state_are_refused(recipe_dir, sections, match):
     with pytest.raises(ConfigError, match=match):
         load_recipe(_recipe(recipe_dir, **sections))
+
+
+# -- CUDA (make gpu-check) ------------------------------------------------------------------------
+@pytest.mark.gpu
+def test_adamoe_model_on_cuda_bf16(ids):
+    # Everything the forward creates follows the model's device: same logits as on the CPU in fp32.
+    model = tiny_model("mixtral", num_hidden_layers=2)
+    inject_adamoe(model, {"num_null_experts": 2})
+    model, reference = in_dtype_and_reference(model, torch.bfloat16)
+    model = model.to("cuda")
+    logits = model(ids.to("cuda"), labels=ids.to("cuda"))
+    logits.loss.backward()
+    with torch.no_grad():
+        want = reference(ids).logits
+    assert relative_error(logits.logits.cpu(), want) <= forward_bound(torch.bfloat16, 2)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.gpu
+def test_onebit_adam_on_cuda_bf16():
+    p = torch.nn.Parameter(torch.randn(4, 64, device="cuda", dtype=torch.bfloat16))
+    optimizer = OneBitAdam([p], lr=1e-2, freeze_step=2, block_size=64)
+    for t in range(4):
+        p.grad = torch.randn(4, 64, device="cuda", generator=torch.Generator("cuda").manual_seed(t)).to(torch.bfloat16)
+        optimizer.step()
+    state = optimizer.state[p]
+    assert {(v.device.type, v.dtype) for v in state.values() if torch.is_tensor(v)} == {("cuda", torch.float32)}
+    assert "worker_error" in state and torch.isfinite(p).all()
