@@ -12,6 +12,7 @@ hold; a final step must train. Rank 0 writes OUT.json.
 
 import json
 import sys
+from pathlib import Path
 
 import deepspeed
 import torch
@@ -97,8 +98,7 @@ def main() -> None:
     out["last_layer_trained"] = not all(torch.equal(a, b) for a, b in zip(before, layers[3]))
     out["frozen_unchanged"] = all(p.grad is None for p in layers[0])
     if rank == 0:
-        with open(sys.argv[-1], "w") as f:
-            json.dump(out, f)
+        Path(sys.argv[-1]).write_text(json.dumps(out))
     close_process_group()
 
 
