@@ -23,7 +23,7 @@ pytestmark = pytest.mark.distributed
 
 
 
-def _launch(launcher: list[str], script: str, tmp_path: Path, timeout: int = 150, options: tuple = ()) -> dict:
+def _launch(launcher: list[str], script: str, tmp_path: Path, timeout: int = 420, options: tuple = ()) -> dict:
     out = tmp_path / "out.json"
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
