@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.modular-installed
 GCIDE := /usr/share/dictd/gcide.dict.dz
 
-.PHONY: setup test lint demo
+.PHONY: setup test lint demo gpu-check
 setup: $(STAMP)
 
 $(STAMP): setup.cfg pyproject.toml
@@ -27,3 +27,20 @@ lint: setup
 
 demo: setup $(GCIDE)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/modular demo
+
+# On a CUDA machine: install the GPU extras (DeepSpeed, megablocks + grouped_gemm) over a CUDA build
+# of torch, run the gpu-marked tests and a short bf16 experts benchmark, and say what was checked.
+GPU_TORCH_INDEX ?= https://download.pytorch.org/whl/cu128
+gpu-check:
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null || \
+		$(PY) -m pip install -q torch==2.13.0 --index-url $(GPU_TORCH_INDEX)
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation -e '.[all,bench,dev,megablocks]'
+	$(PY) -c "import torch; assert torch.cuda.is_available(), 'make gpu-check needs a CUDA machine'; print('gpu-check on', torch.cuda.get_device_name(0), 'torch', torch.__version__)"
+	@echo "== gpu-marked tests: modular experts on CUDA bf16 without host syncs, megablocks vs eager, 1-bit Adam and AdaMoE on CUDA"
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m gpu -rs -p no:cacheprovider
+	@echo "== experts, bf16 forward+backward: modular vs grouped_mm vs megablocks, same routing, with 50% null picks"
+	$(PY) benchmarks/moe_layer.py --device cuda --dtype bfloat16 --tokens 16384 --hidden 2048 --ffn 4096 --repeats 20
+	@if [ -f benchmarks/adamerging_memory.py ]; then echo "== AdaMerging step time"; $(PY) benchmarks/adamerging_memory.py; \
+		else echo "== AdaMerging step time: skipped (benchmarks/adamerging_memory.py not in this tree)"; fi
+	@echo "gpu-check done: gpu tests, experts benchmark (JSON above); record the output in benchmarks/RESULTS.md"

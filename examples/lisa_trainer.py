@@ -57,15 +57,16 @@ def collate(rows):
 # 3-4. LISA + Trainer (+ DeepSpeed). On CPU, accelerate needs its state set up for a DeepSpeed run.
 if args.deepspeed and not torch.cuda.is_available():
     cpu_deepspeed_state()
-lisa = LisaCallback(num_active_layers=2, interval_steps=5, seed=0)
 training_args = TrainingArguments(
-    output_dir=str(out), max_steps=args.steps, per_device_train_batch_size=4, learning_rate=1e-3,
-    weight_decay=0.0,  # ZeRO-1/2 keep frozen layers in the flat fp32 partition: decay would shrink them
-    lr_scheduler_type="constant", logging_steps=5, save_strategy="no", report_to=[], use_cpu=not args.deepspeed,
+    output_dir=str(out), max_steps=args.steps, per_device_train_batch_size=4, learning_rate=1e-3, lr_scheduler_type="constant", logging_steps=5, save_strategy="no", report_to=[], use_cpu=not args.deepspeed,
     deepspeed=deepspeed_config_path(args.deepspeed) if args.deepspeed else None,
     accelerator_config={"use_configured_state": bool(args.deepspeed and not torch.cuda.is_available())},
 )
-trainer = Trainer(model=model, args=training_args, train_dataset=chunks, data_collator=collate, callbacks=[lisa])
+trainer = Trainer(model=model, args=training_args, train_dataset=chunks, data_collator=collate)
+# With the trainer, under ZeRO-1/2 LISA freezes the inactive layers before the engine is built and
+# rebuilds DeepSpeed's optimizer over the active ones at each switch.
+lisa = LisaCallback(num_active_layers=2, interval_steps=5, seed=0, trainer=trainer)
+trainer.add_callback(lisa)
 trainer.train()
 
 # 5. the schedule saved with the run

@@ -200,7 +200,8 @@ def skip_host_allreduce(wrapped) -> None:
     """Switch off the gradient all-reduce of a DDP module or a DeepSpeed engine.
 
     DDP: registers :func:`local_gradients_hook` (before the first backward). DeepSpeed: clears the
-    engine's ``enable_backward_allreduce`` flag, the switch DeepSpeed's own 1-bit optimizers used.
+    engine's ``enable_backward_allreduce`` flag, the switch DeepSpeed's own 1-bit optimizers used;
+    the engine must run ZeRO stage 0 with its bf16/fp16 modes off.
     """
     if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
         wrapped.register_comm_hook(state=None, hook=local_gradients_hook)
@@ -209,6 +210,12 @@ def skip_host_allreduce(wrapped) -> None:
             raise ValueError(
                 f"OneBitAdam needs DeepSpeed ZeRO stage 0, the engine has stage {wrapped.zero_optimization_stage()}: "
                 "ZeRO partitions the gradient reduction that OneBitAdam replaces"
+            )
+        if wrapped.bfloat16_enabled() or wrapped.fp16_enabled():
+            raise ValueError(
+                "OneBitAdam needs DeepSpeed's bf16/fp16 off: DeepSpeed then hands OneBitAdam fp32 master copies, "
+                "and the copies of layers LISA froze kept moving (measured). Load the model in bf16 instead "
+                "(recipe model.dtype: bfloat16; OneBitAdam keeps fp32 state over bf16 weights) with onebit_zero0.json"
             )
         wrapped.enable_backward_allreduce = False
     else:

@@ -57,7 +57,11 @@ Design choices (no anchor settles them):
   With DeepSpeed's RMS block scale the benchmark diverged at lr 2e-3 where AdamW did not; with the
   mean-|x| scale it trains there too (the stale ``v`` still makes its effective step larger).
 
-All parameters must live on one device; state and the communication buffers are fp32.
+All parameters must live on one device; state, error buffers and the communication buffers are fp32
+whatever the parameters' dtype. bf16 (or fp16) parameters are updated in fp32 and rounded once:
+``p ← round(p·(1 − lr·wd) − lr·update)``, so the only precision lost to bf16 is that one rounding per step
+(there is no fp32 master copy: an update below half a bf16 ulp of the weight is lost, as in any pure-bf16
+optimizer).
 """
 
 from __future__ import annotations
@@ -173,12 +177,14 @@ class OneBitAdam(torch.optim.Optimizer):
             beta1, beta2 = group["betas"]
             state["step"] += 1
             t = state["step"]
-            # Same operation order as torch.optim.AdamW (foreach=False), so warm-up matches it bitwise.
-            p.mul_(1 - group["lr"] * group["weight_decay"])
+            # Same operation order as torch.optim.AdamW (foreach=False), so fp32 warm-up matches it bitwise.
+            weight = _fp32(p)
+            weight.mul_(1 - group["lr"] * group["weight_decay"])
             state["exp_avg"].lerp_(g, 1 - beta1)
             state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
             denom = (state["exp_avg_sq"].sqrt() / (1 - beta2**t) ** 0.5).add_(group["eps"])
-            p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1**t))
+            weight.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1**t))
+            _store(p, weight)
             if t == state["warmup_steps"]:
                 # Freeze v with its bias correction: later steps divide by this fixed denominator.
                 # Coordinates that never had a gradient (v = 0: an embedding row of an unseen token)
@@ -213,8 +219,10 @@ class OneBitAdam(torch.optim.Optimizer):
                 state["exp_avg"].copy_(part)
                 direction = part / denom
             state["step"] += 1
-            p.mul_(1 - group["lr"] * group["weight_decay"])
-            p.add_(direction.to(p.dtype), alpha=-group["lr"] / (1 - group["betas"][0] ** state["step"]))
+            weight = _fp32(p)
+            weight.mul_(1 - group["lr"] * group["weight_decay"])
+            weight.add_(direction, alpha=-group["lr"] / (1 - group["betas"][0] ** state["step"]))
+            _store(p, weight)
 
 
 class SkipHostAllReduceCallback(TrainerCallback):
@@ -233,6 +241,16 @@ class SkipHostAllReduceCallback(TrainerCallback):
         wrapped = self.trainer.model_wrapped
         if wrapped is not self.trainer.model:  # single process: nothing wraps the model
             skip_host_allreduce(wrapped)
+
+
+def _fp32(p: torch.Tensor) -> torch.Tensor:
+    """The weight to update: ``p`` itself in fp32, else an fp32 copy (written back by :func:`_store`)."""
+    return p if p.dtype == torch.float32 else p.float()
+
+
+def _store(p: torch.Tensor, weight: torch.Tensor) -> None:
+    if weight is not p:
+        p.copy_(weight)  # the one rounding into p's dtype
 
 
 def _flat(tensors: list[torch.Tensor], length: int | None = None) -> torch.Tensor:

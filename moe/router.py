@@ -67,14 +67,16 @@ class AdaMoERouterMixin:
         return (top[:, k - 1 : k] + top[:, k : k + 1]) / 2
 
     def forward(self, hidden_states: torch.Tensor):
-        """hidden_states (..., hidden) -> (logits (T, n+m), weights (T, k'), indices (T, k')).
+        """hidden_states (..., hidden) -> (logits (T, n+m) fp32, weights (T, k') in the input's dtype, indices (T, k')).
 
         ``indices`` hold true expert ids, or ``n`` (sentinel) for null picks, whose weight is 0.
         """
         x = hidden_states.reshape(-1, self.hidden_dim)
         n = self.num_experts
-        true_logits = F.linear(x, self.weight)
-        null_logits = F.linear(x, self.null_weight, self.null_bias)
+        # Logits in fp32 whatever the model's dtype: in bf16, near-tied logits would round together
+        # and the top-k (which experts run, and the null picks) would flip with rounding noise.
+        true_logits = F.linear(x.float(), self.weight.float())
+        null_logits = F.linear(x.float(), self.null_weight.float(), self.null_bias.float())
         if self.anchor_rank is not None:
             null_logits = null_logits + self._anchor(true_logits).detach()
         logits = torch.cat([true_logits, null_logits], dim=-1)

@@ -40,9 +40,13 @@ DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".txt": "text
 
 @dataclass
 class ModelSection:
+    """``dtype``: the weights' dtype from loading on (``bfloat16`` for LLM-size runs; injections then
+    work in it too). Mixed precision over fp32 weights is ``training: {bf16: true}`` instead."""
+
     path: str | None = None
     config: dict | None = None
     tokenizer: str | None = None
+    dtype: Literal["float32", "bfloat16"] = "float32"
 
     def __post_init__(self) -> None:
         if (self.path is None) == (self.config is None):
@@ -190,13 +194,35 @@ def _check_combinations(recipe: Recipe, where: str) -> None:
             f"{where}: optimizer onebit_adam needs ZeRO stage 0 (its compressed all-reduce replaces the gradient "
             f"reduction ZeRO partitions); the deepspeed config has stage {stage}"
         )
-    reserved = {"output_dir", "deepspeed", "optimizers"} & set(recipe.training)
+    _check_precision(recipe, where)
+    reserved = {"output_dir", "deepspeed", "optimizers", "resume_from_checkpoint"} & set(recipe.training)
     if reserved:
         raise ConfigError(f"{where}: training: {', '.join(sorted(reserved))} are set by the recipe itself, not under training")
+
+
+def _check_precision(recipe: Recipe, where: str) -> None:
+    """bf16 weights (``model.dtype``) and mixed precision (``training.bf16``/``fp16``) in the combinations
+    that keep fp32 optimizer state: ZeRO-1/2 with DeepSpeed's bf16 (fp32 master weights), OneBitAdam
+    with DeepSpeed's bf16 off (its own fp32 state), or autocast over fp32 weights."""
+    mixed = [k for k in ("bf16", "fp16") if recipe.training.get(k)]
+    stage = recipe.zero_stage
+    if recipe.model.dtype != "float32" and "fp16" in mixed:
+        raise ConfigError(f"{where}: model.dtype: {recipe.model.dtype} with training.fp16: true mixes two half "
+                          "precisions; use training.bf16 (or model.dtype: float32)")
+    if recipe.optimizer.name == "onebit_adam" and stage is not None and mixed:
+        raise ConfigError(
+            f"{where}: optimizer onebit_adam under DeepSpeed needs training.{mixed[0]} off: DeepSpeed's {mixed[0]} mode "
+            "hands the optimizer fp32 master copies, and LISA's frozen layers kept moving under it; for bf16, set "
+            "model.dtype: bfloat16 (OneBitAdam keeps fp32 state and error buffers over bf16 weights)")
+    if recipe.model.dtype != "float32" and stage in (1, 2) and "bf16" not in mixed:
+        raise ConfigError(
+            f"{where}: model.dtype: {recipe.model.dtype} under ZeRO-{stage} needs training.bf16: true, so that DeepSpeed "
+            "keeps fp32 master weights and optimizer state for the bf16 weights")
 
 
 def describe(recipe: Any) -> str:
     """One line per section, for the run log."""
     inj = ", ".join(i["kind"] for i in recipe.injections) or "none"
     lisa = "off" if recipe.lisa is None else f"γ={recipe.lisa.num_active_layers}, K={recipe.lisa.interval_steps}"
-    return f"model={recipe.model.path or recipe.model.config.get('model_type')} injections={inj} lisa={lisa} optimizer={recipe.optimizer.name}"
+    return (f"model={recipe.model.path or recipe.model.config.get('model_type')} dtype={recipe.model.dtype} injections={inj} "
+            f"lisa={lisa} optimizer={recipe.optimizer.name}")

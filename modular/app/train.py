@@ -35,10 +35,11 @@ def _build_model(recipe: Recipe) -> torch.nn.Module:
 
     from modular import load_model
 
+    dtype = getattr(torch, recipe.model.dtype)
     if recipe.model.path is not None:
-        return load_model(recipe.model.path, dtype=torch.float32)
+        return load_model(recipe.model.path, dtype=dtype)
     config = dict(recipe.model.config)
-    return AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config), dtype=dtype)
 
 
 def _datasets(recipe: Recipe, tokenizer) -> dict:
@@ -135,7 +136,7 @@ def _collator(recipe: Recipe, tokenizer):
     return DataCollatorForLanguageModeling(tokenizer, mlm=False)
 
 
-def _training_arguments(recipe: Recipe):
+def _training_arguments(recipe: Recipe, resume: str | None = None):
     from transformers import TrainingArguments
 
     opt = recipe.optimizer
@@ -151,6 +152,7 @@ def _training_arguments(recipe: Recipe):
         save_steps=50,
         logging_steps=10,
         seed=0,
+        resume_from_checkpoint=resume,  # read by LISA under ZeRO-1/2 before the engine is built
     )
     settings.update(recipe.training)
     if recipe.deepspeed is not None:
@@ -183,12 +185,9 @@ def run_recipe(recipe: Recipe) -> Path:
     calibration = [{"input_ids": torch.tensor(row["input_ids"])[None]} for row in data["train"].select(range(min(16, len(data["train"]))))]
     model = _inject(model, recipe, calibration)
 
-    args = _training_arguments(recipe)
+    last = get_last_checkpoint(recipe.output_dir) if Path(recipe.output_dir).is_dir() else None
+    args = _training_arguments(recipe, last)
     callbacks = [GracefulStop()]
-    if recipe.lisa is not None:
-        from finetune.lisa import LisaCallback
-
-        callbacks.append(LisaCallback(recipe.lisa))
     if any(i["kind"] == "adamoe" for i in recipe.injections):
         from finetune.aux_loss import MoEAuxLossCallback
 
@@ -206,8 +205,11 @@ def run_recipe(recipe: Recipe) -> Path:
         from finetune.onebit_adam import SkipHostAllReduceCallback
 
         trainer.add_callback(SkipHostAllReduceCallback(trainer))
+    if recipe.lisa is not None:
+        from finetune.lisa import LisaCallback
 
-    last = get_last_checkpoint(recipe.output_dir) if Path(recipe.output_dir).is_dir() else None
+        trainer.add_callback(LisaCallback(recipe.lisa, trainer=trainer))  # under ZeRO-1/2 it freezes before train()
+
     if last:
         print(f"modular train: resuming from {last}", flush=True)
     trainer.train(resume_from_checkpoint=last)

@@ -1,5 +1,7 @@
 """Sign packing and the compressed all-reduce in a world of one, checked by hand."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -54,3 +56,14 @@ def test_world_size_without_process_group_is_an_error(monkeypatch):
 def test_skip_host_allreduce_rejects_plain_module():
     with pytest.raises(TypeError, match="DistributedDataParallel"):
         skip_host_allreduce(torch.nn.Linear(2, 2))
+
+
+def test_skip_host_allreduce_refuses_deepspeed_precision_wrappers():
+    # DeepSpeed's bf16/fp16 modes hand the optimizer fp32 master copies; frozen LISA layers kept moving.
+    engine = SimpleNamespace(enable_backward_allreduce=True, zero_optimization_stage=lambda: 0,
+                             bfloat16_enabled=lambda: True, fp16_enabled=lambda: False)
+    with pytest.raises(ValueError, match="bf16/fp16 off"):
+        skip_host_allreduce(engine)
+    engine.bfloat16_enabled = lambda: False
+    skip_host_allreduce(engine)
+    assert engine.enable_backward_allreduce is False

@@ -168,3 +168,30 @@ def test_zero3_and_bad_arguments_are_refused():
         LisaCallback(num_active_layers=0)
     with pytest.raises(ValueError, match="interval_steps"):
         LisaCallback(interval_steps=0)
+
+
+def _zero2_args(resume=None):
+    return SimpleNamespace(hf_deepspeed_config=SimpleNamespace(config={"zero_optimization": {"stage": 2}}),
+                           resume_from_checkpoint=resume)
+
+
+def test_zero2_without_the_trainer_is_refused():
+    state = SimpleNamespace(global_step=0, is_world_process_zero=True)
+    with pytest.raises(ValueError, match="needs the trainer"):
+        LisaCallback(num_active_layers=1, interval_steps=2).on_train_begin(_zero2_args(), state, None, model=tiny_model("llama"))
+
+
+def test_zero2_resume_needs_the_checkpoint_before_train(tmp_path):
+    # DeepSpeed loads the optimizer saved in the checkpoint's period into an engine LISA built for
+    # period 0: LISA must refuse to go on, naming the setting that makes it build the right one.
+    model = tiny_model("llama", num_hidden_layers=4)
+    lisa = LisaCallback(num_active_layers=1, interval_steps=2, trainer=SimpleNamespace(model=model, args=_zero2_args()))
+    assert sum(p.requires_grad for layer in architecture_of(model).layers for p in layer.parameters()) == 9  # one layer
+    state = SimpleNamespace(global_step=4, is_world_process_zero=True)  # saved after step 4: period 1's optimizer
+    with pytest.raises(ValueError, match="resume_from_checkpoint"):
+        lisa.on_train_begin(_zero2_args(), state, None, model=model)
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"global_step": 4}))
+    lisa = LisaCallback(num_active_layers=1, interval_steps=2, trainer=SimpleNamespace(model=model, args=_zero2_args(str(tmp_path))))
+    assert lisa._engine_period == 1
+    with pytest.raises(ValueError, match="no trainer_state.json"):
+        LisaCallback(num_active_layers=1, interval_steps=2, trainer=SimpleNamespace(model=model, args=_zero2_args(str(tmp_path / "x"))))

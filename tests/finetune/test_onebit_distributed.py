@@ -5,6 +5,7 @@ Each test starts its launcher (torchrun / ``deepspeed --num_gpus 2``) on a free 
 """
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -22,11 +23,11 @@ pytestmark = pytest.mark.distributed
 
 
 
-def _launch(launcher: list[str], script: str, tmp_path: Path, timeout: int = 150) -> dict:
+def _launch(launcher: list[str], script: str, tmp_path: Path, timeout: int = 420, options: tuple = ()) -> dict:
     out = tmp_path / "out.json"
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [*launcher, str(SCRIPTS / script), str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout
+        [*launcher, str(SCRIPTS / script), *options, str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout
     )
     assert proc.returncode == 0 and out.exists(), proc.stdout[-3000:] + proc.stderr[-5000:]
     return json.loads(out.read_text())
@@ -90,6 +91,18 @@ def test_deepspeed_zero0_client_optimizer(tmp_path):
     assert out["fp32_bytes"] == [4 * out["n_params"]] * 2 + [0] * 4
     assert out["compressed_bytes"][:2] == [0, 0] and min(out["compressed_bytes"][2:]) > 0
     assert max(out["compressed_bytes"]) * 14 < 4 * out["n_params"]
+
+
+@pytest.mark.skipif(shutil.which("deepspeed", path=str(BIN)) is None, reason="deepspeed not installed")
+def test_deepspeed_zero0_bf16_weights_with_fp32_state(tmp_path):
+    # bf16 weights under onebit_zero0.json (DeepSpeed's bf16 off, finetune/comm.py refuses it on):
+    # fp32 moments and error buffers, ranks identical, a frozen layer untouched.
+    out = _launch([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())], "onebit_deepspeed_train.py",
+                  tmp_path, options=("--bf16",))
+    assert out["param_dtypes"] == ["torch.bfloat16"] and out["state_dtypes"] == ["torch.float32"]
+    assert all(out["identical"]) and out["frozen_unchanged"]
+    assert out["compressed_bytes"][:2] == [0, 0] and min(out["compressed_bytes"][2:]) > 0
+    assert all(math.isfinite(x) for x in out["losses"])
 
 
 def test_trainer_under_torchrun_ddp(tmp_path):

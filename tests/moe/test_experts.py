@@ -56,3 +56,78 @@ def test_injected_model_modular_equals_eager(model_type, tiny, input_ids):
     assert results["eager"][1].keys() == results["modular"][1].keys()
     for name, grad in results["eager"][1].items():
         assert torch.allclose(results["modular"][1][name], grad, atol=1e-5), name
+
+
+def _with_nulls(experts, tokens=40, dtype=torch.float32, device="cpu"):
+    n = experts.num_experts
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(tokens, experts.hidden_dim, generator=g)
+    index = torch.randint(0, n + 1, (tokens, 3), generator=g)
+    index[0] = n  # only null picks
+    index[1, :2] = 1
+    return hidden.to(device, dtype), index.to(device), torch.rand(tokens, 3, generator=g).to(device, dtype)
+
+
+@pytest.mark.parametrize("model_type", MOE_ARCHITECTURES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sync_free_path_matches_eager_with_nulls(model_type, dtype, tiny):
+    # The CUDA path (sorted pairs, on-device offsets, torch's grouped matmul, masked null rows) runs on
+    # the CPU too: same forward and gradients as eager. bf16: eager adds the top-k contributions in
+    # bf16, this path in fp32, so they differ by about one bf16 rounding of the output.
+    from moe.experts import _experts_forward_on_device
+
+    experts = architecture_of(tiny(model_type)).experts()[0][1].to(dtype)
+    hidden, index, weights = _with_nulls(experts, dtype=dtype)
+
+    def run(forward):
+        h, w = hidden.clone().requires_grad_(), weights.clone().requires_grad_()
+        experts.zero_grad()
+        out = forward(h, w)
+        out.backward(torch.linspace(-1, 1, out.numel()).view_as(out).to(dtype))
+        return [out, h.grad, w.grad] + [p.grad.clone() for p in experts.parameters()]
+
+    experts.config._experts_implementation = "eager"
+    expected = run(lambda h, w: experts(h, index, w))
+    tolerance = 1e-6 if dtype == torch.float32 else 2 ** -8
+    for got, want in zip(run(lambda h, w: _experts_forward_on_device(experts, h, index, w)), expected):
+        assert got.dtype == want.dtype
+        assert (got.float() - want.float()).abs().max() <= tolerance * max(1.0, want.float().abs().max().item())
+
+
+def test_megablocks_gets_bf16_and_hands_back_the_input_dtype(monkeypatch, tiny):
+    # megablocks' kernels are bf16-only: a stand-in grouped GEMM that refuses anything else.
+    import moe.experts as experts_module
+
+    def gmm(x, weight, batch_sizes, trans_b):
+        assert x.dtype == weight.dtype == torch.bfloat16 and batch_sizes.device.type == "cpu"
+        rows = torch.split(x, batch_sizes.tolist())
+        return torch.cat([r @ (w.t() if trans_b else w) for r, w in zip(rows, weight)])
+
+    monkeypatch.setattr(experts_module, "_megablocks_gmm", lambda: gmm)
+    experts = architecture_of(tiny("mixtral")).experts()[0][1]
+    hidden, index, weights = _with_nulls(experts)
+    experts.config._experts_implementation = "eager"
+    want = experts(hidden, index, weights)
+    got = experts_module.megablocks_experts_forward(experts, hidden, index, weights)
+    assert got.dtype == torch.float32
+    assert (got - want).abs().max() <= 2 ** -7 * want.abs().max()  # bf16 inputs, weights and products
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])
+def test_modular_on_cuda_bf16_has_no_host_sync(model_type, tiny):
+    experts = architecture_of(tiny(model_type)).experts()[0][1].to("cuda", torch.bfloat16)
+    hidden, index, weights = _with_nulls(experts, dtype=torch.bfloat16, device="cuda")
+    hidden.requires_grad_()
+    experts.config._experts_implementation = "modular"
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any device-to-host read raises
+    try:
+        out = experts(hidden, index, weights)
+        out.float().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    reference = architecture_of(tiny(model_type)).experts()[0][1].to("cuda", torch.bfloat16).float()
+    reference.config._experts_implementation = "eager"
+    want = reference(hidden.detach().float(), index, weights.float())
+    assert (out.float() - want).norm() <= 4 * 2 ** -8 * want.norm()

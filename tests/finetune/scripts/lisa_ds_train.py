@@ -1,9 +1,11 @@
-"""LISA under DeepSpeed ZeRO-2 through ``transformers.Trainer``, run by tests/finetune/test_lisa_distributed.py.
+"""LISA under DeepSpeed ZeRO-1/2 through ``transformers.Trainer``, run by tests/finetune/test_lisa_distributed.py.
 
-``deepspeed --num_gpus 2 lisa_ds_train.py [CONFIG] OUT_DIR`` (CONFIG: a packaged config name, default zero2;
+``deepspeed --num_gpus 2 lisa_ds_train.py CONFIG OUT_DIR [RESUME]`` (CONFIG: a packaged config name;
 ``ddp`` under ``torchrun --nproc_per_node 2`` for plain DDP): a 4-layer tiny llama trains 6 steps with
-γ=1, K=2 (3 periods). Each rank records, for every step, which layers changed and which sample
-ids its data loader yielded, and writes ``OUT_DIR/rank<r>.json``.
+γ=1, K=2 (3 periods), saving checkpoints after steps 3 (mid-period) and 4 (a period boundary). Each rank records, for every step, which layers
+changed, which sample ids its data loader yielded and how many fp32 master / moment elements its ZeRO
+partitions hold, and writes ``OUT_DIR/rank<r>.json`` and its final weights ``OUT_DIR/rank<r>.safetensors``.
+With RESUME (a checkpoint folder) the run resumes from it.
 """
 
 import json
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import save_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from finetune import LisaCallback, close_process_group, deepspeed_config_path
@@ -19,12 +22,15 @@ from finetune.launch import cpu_deepspeed_state, deepspeed_shm_buffer
 from modular.registry import architecture_of
 from modular.testing import tiny_model
 
+SAVE_AT = (3, 4)
+
 
 class LayerChangeRecorder(TrainerCallback):
-    """After every optimizer step: indices of decoder layers whose weights changed, and whether embeddings did."""
+    """After every optimizer step: indices of decoder layers whose weights changed, whether embeddings did,
+    and (ZeRO) the sizes of this rank's fp32 partitions."""
 
-    def __init__(self, model, lisa: LisaCallback):
-        self.arch, self.lisa, self.steps = architecture_of(model), lisa, []
+    def __init__(self, trainer, lisa: LisaCallback):
+        self.trainer, self.arch, self.lisa, self.steps = trainer, architecture_of(trainer.model), lisa, []
 
     def _snapshot(self):
         return [torch.cat([p.detach().reshape(-1) for p in layer.parameters()]).clone() for layer in self.arch.layers]
@@ -35,13 +41,24 @@ class LayerChangeRecorder(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         changed = [i for i, (a, b) in enumerate(zip(self.before, self._snapshot())) if not torch.equal(a, b)]
-        self.steps.append({"step": state.global_step, "active": list(self.lisa.active_layers), "changed": changed,
-                           "embeddings_changed": not torch.equal(self.embed_before, self.arch.input_embeddings.weight)})
+        record = {"step": state.global_step, "active": list(self.lisa.active_layers), "changed": changed,
+                  "embeddings_changed": not torch.equal(self.embed_before, self.arch.input_embeddings.weight)}
+        engine = self.trainer.model_wrapped
+        if hasattr(engine, "basic_optimizer") and hasattr(engine.optimizer, "single_partition_of_fp32_groups"):
+            basic = engine.basic_optimizer
+            flats = [g["params"][0] for g in basic.param_groups]
+            record["master_numel"] = sum(f.numel() for f in flats)
+            record["moment_numel"] = sum(basic.state[f]["exp_avg"].numel() for f in flats if f in basic.state)
+            record["trainable_numel"] = sum(p.numel() for p in self.trainer.model.parameters() if p.requires_grad)
+            record["num_groups"] = len(flats)
+            record["zero_params_are_trainable"] = all(p.requires_grad for g in engine.optimizer.bit16_groups for p in g)
+        self.steps.append(record)
+        control.should_save = state.global_step in SAVE_AT
 
 
 def main() -> None:
-    out_dir = Path(sys.argv[-1])
-    config = sys.argv[-2] if len(sys.argv) > 2 and not sys.argv[-2].startswith("--") else "zero2"  # launcher adds --local_rank
+    args_in = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the deepspeed launcher adds --local_rank
+    config, out_dir, resume = args_in[0], Path(args_in[1]), (args_in[2] if len(args_in) > 2 else None)
     ddp = config == "ddp"  # torchrun + DDP instead of DeepSpeed
     if not ddp:
         cpu_deepspeed_state()
@@ -57,14 +74,17 @@ def main() -> None:
 
     args = TrainingArguments(
         output_dir=str(out_dir / "run"), deepspeed=None if ddp else deepspeed_config_path(config), max_steps=6,
-        per_device_train_batch_size=2, learning_rate=1e-2, weight_decay=0.0, lr_scheduler_type="constant",
-        logging_steps=100, save_strategy="no", report_to=[], seed=0, dataloader_num_workers=0,
-        accelerator_config={"use_configured_state": not ddp}, use_cpu=ddp, ddp_backend="gloo" if ddp else None,
+        per_device_train_batch_size=2, learning_rate=1e-2, weight_decay=0.01, lr_scheduler_type="linear",
+        logging_steps=100, save_strategy="no", report_to=[], seed=0,
+        dataloader_num_workers=0, accelerator_config={"use_configured_state": not ddp}, use_cpu=ddp,
+        ddp_backend="gloo" if ddp else None, resume_from_checkpoint=resume,
     )
-    lisa = LisaCallback(num_active_layers=1, interval_steps=2, seed=3)
-    recorder = LayerChangeRecorder(model, lisa)
-    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collate, callbacks=[lisa, recorder])
-    trainer.train()
+    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collate)
+    lisa = LisaCallback(num_active_layers=1, interval_steps=2, seed=3, trainer=trainer)
+    recorder = LayerChangeRecorder(trainer, lisa)
+    trainer.add_callback(lisa)
+    trainer.add_callback(recorder)
+    trainer.train(resume_from_checkpoint=resume)
     rank = dist.get_rank()
     doc = {"rank": rank, "world_size": dist.get_world_size(), "accelerate_num_processes": trainer.accelerator.num_processes,
            "args_world_size": args.world_size, "zero_stage": None if ddp else trainer.model_wrapped.zero_optimization_stage(),
@@ -72,6 +92,7 @@ def main() -> None:
            "is_main": trainer.is_world_process_zero(), "schedule_file": (out_dir / "run" / "lisa_schedule.json").exists(),
            "shm_buffer": str(deepspeed_shm_buffer(rank)), "shm_buffer_during_run": deepspeed_shm_buffer(rank).exists()}
     (out_dir / f"rank{rank}.json").write_text(json.dumps(doc))
+    save_file({n: p.detach().contiguous() for n, p in model.named_parameters()}, str(out_dir / f"rank{rank}.safetensors"))
     close_process_group()
 
 

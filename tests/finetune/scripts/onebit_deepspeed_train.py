@@ -1,8 +1,10 @@
 """OneBitAdam as a DeepSpeed client optimizer (ZeRO 0, gloo), run by tests/finetune/test_onebit_distributed.py.
 
-``deepspeed --num_gpus 2 onebit_deepspeed_train.py OUT.json``: a tiny llama trains 6 steps with
+``deepspeed --num_gpus 2 onebit_deepspeed_train.py [--bf16] OUT.json``: a tiny llama trains 6 steps with
 ``freeze_step=2``; DeepSpeed's gradient all-reduce is switched off, every rank checks that its
 gradients are local and that parameters agree bit for bit after each step. Rank 0 writes OUT.json.
+``--bf16``: the model's weights are bf16 (DeepSpeed's own bf16 stays off) and layer 1 is frozen
+after step 2, as LISA would.
 """
 
 import json
@@ -28,13 +30,19 @@ def main() -> None:
     rank = dist.get_rank()
     config = deepspeed_config("onebit_zero0", train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=1,
                               train_batch_size=4, gradient_clipping=0.0)
-    model = tiny_model("llama").train()
+    bf16 = "--bf16" in sys.argv
+    model = tiny_model("llama").train().to(torch.bfloat16 if bf16 else torch.float32)
+    frozen = list(model.model.layers[1].parameters())
     optimizer = OneBitAdam(model.parameters(), lr=1e-2, freeze_step=2, block_size=64)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     skip_host_allreduce(engine)
     out = {"identical": [], "local_grads": [], "fp32_bytes": [], "compressed_bytes": [], "losses": [],
            "optimizer_class": type(engine.optimizer).__name__, "zero_stage": engine.zero_optimization_stage()}
     for step in range(6):
+        if bf16 and step == 2:
+            for p in frozen:
+                p.requires_grad_(False)
+            frozen_at_2 = [p.detach().clone() for p in frozen]
         ids = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(100 * step + rank))
         loss = engine(input_ids=ids, labels=ids).loss
         engine.backward(loss)
@@ -47,6 +55,10 @@ def main() -> None:
         out["identical"].append(same_on_all_ranks(model.parameters()))
         out["losses"].append(loss.item())
     out["n_params"] = sum(p.numel() for p in model.parameters())
+    out["param_dtypes"] = sorted({str(p.dtype) for p in model.parameters()})
+    out["state_dtypes"] = sorted({str(v.dtype) for s in engine.optimizer.state.values() for v in s.values() if torch.is_tensor(v)})
+    if bf16:
+        out["frozen_unchanged"] = all(torch.equal(a, b) for a, b in zip(frozen_at_2, frozen))
     if rank == 0:
         with open(sys.argv[-1], "w") as f:
             json.dump(out, f)
