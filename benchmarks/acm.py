@@ -41,9 +41,10 @@ badly over threads. Other processes outside the lock share the cores; the ACM si
 more, smaller kernel calls than the dense side, so it suffers more from such contention.
 
 Converted models are cached in ``benchmarks/out/acm/cache`` (``save_pretrained`` folders keyed by
-every setting that made them; loaded with ``modular.load_model``). Converting one seed takes
-about 45-55 min on 2 cores, so the first run can be spread over several lock sessions with
-``--seeds 0``, ``--seeds 1``, ``--seeds 2``; a run that finds all its seeds cached takes minutes.
+every setting that made them; loaded with ``modular.load_model``). The seeds convert at once, one
+single-threaded process each (``--workers``); one conversion is about 75 min of one core, so the
+first run can also be spread over several lock sessions with ``--seeds 0``, ``--seeds 1``, ...;
+a run that finds all its seeds cached takes minutes.
 
     flock /tmp/modular-bench.lock .venv/bin/python benchmarks/acm.py
 """
@@ -66,7 +67,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from common import mean_sd, settings_hash  # noqa: E402
+from common import mean_sd, run_stages, settings_hash  # noqa: E402
 from transformers import AutoModel, AutoTokenizer  # noqa: E402
 
 from modular.acm import (  # noqa: E402
@@ -217,13 +218,28 @@ def phase_3(acm, dense, data: list[dict], config: ACMConfig) -> dict:
     return {str(step): history[step] for step in marks}
 
 
+def conversion_settings(sentences: dict[str, list[str]], config: ACMConfig) -> dict:
+    return {"acm": asdict(config), "calibration": settings_hash({"sentences": sentences["calibration"]})}
+
+
+def is_cached(sentences: dict[str, list[str]], config: ACMConfig, cache: Path) -> bool:
+    return (cache / f"model-{settings_hash(conversion_settings(sentences, config))}" / "conversion.json").is_file()
+
+
+def convert_job(sentences: dict[str, list[str]], config: ACMConfig, cache: Path, threads: int) -> None:
+    """One seed's conversion in a process of its own (cached on disk for the parent to load)."""
+    torch.set_num_threads(threads)
+    path = minilm_path()
+    converted_model(AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path), sentences, config, cache)
+
+
 def converted_model(dense, tokenizer, sentences: dict[str, list[str]], config: ACMConfig, cache: Path):
     """Phases 1-3 with ``config``, cached as a ``save_pretrained`` folder keyed by the config and
     the calibration sentences (``modular.load_model`` reads it back). Phases 1-2 alone are scored
     on validation first, for the record (``conversion.json`` in the folder)."""
     from modular import load_model
 
-    settings = {"acm": asdict(config), "calibration": settings_hash({"sentences": sentences["calibration"]})}
+    settings = conversion_settings(sentences, config)
     folder = cache / f"model-{settings_hash(settings)}"
     if (folder / "conversion.json").is_file():
         print(f"seed {config.seed}: cached in {folder}", flush=True)
@@ -326,13 +342,15 @@ def main() -> None:
     parser.add_argument("--validation", type=int, default=500, help="validation sentences")
     parser.add_argument("--test", type=int, default=1000, help="test sentences")
     parser.add_argument("--repeats", type=int, default=21)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the wall-time measurement")
+    parser.add_argument("--convert-threads", type=int, default=1, help="torch threads of each conversion and of the scoring")
+    parser.add_argument("--workers", type=int, default=3, help="seeds converted at once, one process each")
     parser.add_argument("--call-sizes", type=lambda text: [int(n) for n in text.split(",")], default=[512, 1536, 4096],
                         help="also time the FFN stacks in calls of these many tokens (comma-separated; a 64-sentence batch is ~1500)")
     parser.add_argument("--no-timing", action="store_true", help="skip the wall-time measurement")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.convert_threads)
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     overrides = dict(args.set)
@@ -349,9 +367,14 @@ def main() -> None:
           f"{len(sentences['test'])} test sentences ({sum(int(b['attention_mask'].sum()) for b in data['test'])} test tokens)",
           flush=True)
 
+    configs = {seed: replace(base_config, seed=seed) for seed in args.seeds}
+    cache = args.out / "cache"
+    run_stages([[(convert_job, (sentences, configs[s], cache, args.convert_threads)) for s in args.seeds
+                 if not is_cached(sentences, configs[s], cache)]], args.workers)
+    torch.set_num_threads(args.convert_threads)
     results = {}
     for seed in args.seeds:
-        acm = converted_model(dense, tokenizer, sentences, replace(base_config, seed=seed), args.out / "cache")
+        acm = converted_model(dense, tokenizer, sentences, configs[seed], cache)
         results[seed] = evaluate_seed(acm, dense, data, references)
         print(f"seed {seed}: threshold {results[seed]['threshold']:.4f}; validation {results[seed]['validation']}, "
               f"test {results[seed]['test']} (FLOP fraction, cosine)", flush=True)
@@ -366,6 +389,7 @@ def main() -> None:
 
     timing = {}
     if not args.no_timing:
+        torch.set_num_threads(args.threads)
         inputs = ffn_inputs(dense, data["test"])
         medians = time_ffn_stacks(dense, first, inputs, args.repeats)
         time_ratio = round(medians["median_acm"] / medians["median_dense"], 3)
