@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import statistics
@@ -62,7 +63,10 @@ def gcide_splits(stride: int = 3) -> dict[str, list[str]]:
 
 
 def mean_sd(values: list[float], digits: int = 4) -> dict:
-    """{"mean", "sd" (sample standard deviation; 0 for one value), "values"}, rounded."""
+    """{"mean", "sd" (sample standard deviation; 0 for one value), "values"}, rounded; a non-finite
+    value (a diverged run) makes mean and sd NaN."""
+    if not all(math.isfinite(v) for v in values):
+        return {"mean": math.nan, "sd": math.nan, "values": [round(v, digits) for v in values]}
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
     return {"mean": round(statistics.fmean(values), digits), "sd": round(sd, digits), "values": [round(v, digits) for v in values]}
 

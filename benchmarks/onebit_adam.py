@@ -184,6 +184,11 @@ def test_loss(args, size: str, seed: int, lr: float, method: str, batches) -> fl
     return evaluate(model, batches)
 
 
+def _or_inf(loss: float) -> float:
+    """A diverged (NaN) run ranks last."""
+    return loss if math.isfinite(loss) else math.inf
+
+
 def plot(records: dict, freeze_step: int, path: Path, title: str) -> None:
     from modular.plotting import pyplot
 
@@ -230,7 +235,7 @@ def main(argv=None) -> dict:
     first, summary = args.seeds[0], {}
     for size in args.sizes:
         grid = {lr: run(args, size, first, lr, list(METHODS)) for lr in args.lrs}
-        chosen = {m: min(args.lrs, key=lambda lr, m=m: grid[lr][m]["curve"][-1][2]) for m in METHODS}
+        chosen = {m: min(args.lrs, key=lambda lr, m=m: _or_inf(grid[lr][m]["curve"][-1][2])) for m in METHODS}
         records = {s: {m: run(args, size, s, chosen[m], [m])[m] for m in METHODS} for s in args.seeds}
         test = {m: mean_sd([test_loss(args, size, s, chosen[m], m, test_batches) for s in args.seeds]) for m in METHODS}
         rel = mean_sd([o / a - 1 for a, o in zip(test["adamw"]["values"], test["onebit"]["values"])])

@@ -15,6 +15,8 @@ from common import cache_path, cached_model, mean_sd, run_stages  # noqa: E402
 def test_mean_sd_by_hand():
     assert mean_sd([1.0, 2.0, 4.0]) == {"mean": 2.3333, "sd": 1.5275, "values": [1.0, 2.0, 4.0]}  # sd = sqrt(7/3)
     assert mean_sd([0.5]) == {"mean": 0.5, "sd": 0.0, "values": [0.5]}
+    diverged = mean_sd([1.0, float("nan")])
+    assert diverged["mean"] != diverged["mean"] and diverged["sd"] != diverged["sd"]  # NaN: a diverged seed is not averaged away
 
 
 def test_cached_model_trains_once_per_settings(tmp_path):
