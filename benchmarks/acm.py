@@ -1,45 +1,52 @@
-"""ACM acceptance benchmark: ACMize all-MiniLM-L6-v2's 6 FFNs on real sentences, then measure
-sentence-embedding fidelity and FFN wall time against the dense model, side by side.
+"""ACM benchmark: ACMize all-MiniLM-L6-v2's 6 FFNs on real sentences with the library's defaults,
+then measure sentence-embedding fidelity at half the FFN FLOPs (held-out test sentences, mean ± sd
+over seeds) and FFN wall time against the dense model, side by side.
 
 Data: definitions and quotations of the GNU Collaborative International Dictionary of English
-(:func:`modular.app.corpora.gcide_paragraphs`, Debian package ``dict-gcide``); model from
-:func:`modular.app.minilm.minilm_path`.
-Sentences are taken in file order; every ``--heldout-every``-th one is held out for evaluation,
-never seen by the conversion.
+(:func:`modular.app.corpora.gcide_paragraphs`, Debian package ``dict-gcide``; sentence filter
+:func:`gcide_sentences`), model from :func:`modular.app.minilm.minilm_path`.
 
-Conversion: acmize (phases 1-2, module by module; per-token relative distillation by default,
-``--distill-loss mse`` for the paper's plain MSE), then phase 3
-(:func:`modular.acm.finetune_end_to_end`): Adam on the ACMs with 1 - cosine to the dense
-embeddings + the compute-budget penalty (``--e2e-steps``, ``--e2e-lr`` with linear decay).
-All phases see the calibration sentences only (about 9300 of ``--calib``: what the corpus
-gives beside the held-out ones); with 2000 of them phase 3 overfits (cosine at 50 % 0.986 on
-them, 0.966 held out).
+Protocol (fixed before any test number was read):
 
-Quality: mean cosine between the original and the ACMized sentence embeddings (mean pooling
-over non-padding tokens, then L2 normalisation, as sentence-transformers does for this model),
-for a sweep of gate thresholds; compute = ACM FLOPs (learners + gates) / dense FFN FLOPs on the
-held-out tokens. The 50 % point uses the threshold that bisection finds on the *calibration*
-sentences; its held-out FLOP fraction is reported as ``flops_at_50``.
+* Splits, in file order: sentence i calibrates when i % 10 == 0, validates when i % 10 == 3, tests
+  when i % 10 == 7 (``--validation`` / ``--test`` of them, evenly spread). Earlier versions of
+  this benchmark drew calibration *and* their held-out sentences from the i % 10 == 0 stream, and
+  their settings (calibration size, phase-3 steps, distillation loss) were changed while reading
+  those held-out scores; no earlier run read a validation or test sentence of this split.
+* Conversion with ``ACMConfig()`` (the library defaults; ``--set KEY=VALUE`` overrides a field)
+  and ``seed`` = each of ``--seeds``: :func:`modular.acm.acmize` (phases 1-2, module by module),
+  then phase 3, :func:`modular.acm.finetune_end_to_end` with the config's steps and lr on
+  1 - cosine to the dense embeddings of the calibration batches + the compute-budget penalty.
+  All phases see calibration sentences only.
+* Chosen on validation: the gate threshold whose FLOP fraction is 50 % (bisection), per seed.
+  The threshold sweep (plot ``quality_vs_compute.png``) is on validation too.
+* Reported on test, once per seed, at that threshold: mean cosine between the original and the
+  ACMized sentence embeddings (mean pooling over non-padding tokens, then L2 normalisation, as
+  sentence-transformers does for this model) and the FLOP fraction actually realised (ACM
+  learners + gates / dense FFN, over the test tokens). Headline: mean ± sd over the seeds.
 
-Wall time: the 6 dense FFNs (intermediate + output.dense) and the 6 ACMs at the 50 % threshold
-run on the same cached FFN inputs of the held-out tokens (the ACMs in eval mode, no hooks),
-interleaved layer by layer, ``--threads`` for both, one warm-up pass, median of ``--repeats``
-(the minima are reported too). Timed for all held-out tokens at once (the acceptance
-numbers) and for the same tokens in calls of each of ``--call-sizes`` tokens (a 64-sentence
-batch is about 1500): ``time_ratio_by_call_size`` and the plot ``time_vs_call_size.png``.
-At once, the dense FFN's (T, 1536) intermediates (72 MB each) are fresh pages from the OS on
-every call (glibc serves them by mmap): about 35 000 page faults per layer, part of its time.
-In batch-sized calls the dense FFN is faster per token and the ACM's learner matmuls are
-narrow (192 units) and short, so the ratio is worse there; small matmuls also split badly over
-threads (``--threads 1`` gives the ACM a better ratio than 2 threads). Other processes outside
-the lock share the cores; the ACM side makes many more, smaller kernel calls than the dense
-side, so it suffers more from such contention.
+Batches are grouped by sentence length (no padding), so every FLOP counted and timed is a real
+token's.
 
-    flock /tmp/modular-bench.lock .venv/bin/python benchmarks/acm.py            # about 55 min on 2 cores
-    flock /tmp/modular-bench.lock .venv/bin/python benchmarks/acm.py --reuse   # re-measure the saved model
+Wall time (first seed's model): the 6 dense FFNs (intermediate + output.dense) and the 6 ACMs at
+the 50 % threshold run on the same cached FFN inputs of the test tokens (the ACMs in eval mode,
+no hooks), interleaved layer by layer, ``--threads`` for both, one warm-up pass, median of
+``--repeats`` (the minima are reported too). Timed for all test tokens at once and for the same
+tokens in calls of each of ``--call-sizes`` tokens (a 64-sentence batch is about 1500):
+``time_ratio_by_call_size`` and the plot ``time_vs_call_size.png``. At once, the dense FFN's
+(T, 1536) intermediates are fresh pages from the OS on every call (glibc serves them by mmap),
+part of its time. In batch-sized calls the dense FFN is faster per token and the ACM's learner
+matmuls are narrow (192 units) and short, so the ratio is worse there; small matmuls also split
+badly over threads. Other processes outside the lock share the cores; the ACM side makes many
+more, smaller kernel calls than the dense side, so it suffers more from such contention.
 
-The converted model is saved to ``--out``/model; ``--reuse`` loads it (``modular.load_model``)
-instead of converting again when it was made with the same conversion settings.
+Converted models are cached in ``benchmarks/out/acm/cache`` (``save_pretrained`` folders keyed by
+every setting that made them; loaded with ``modular.load_model``). The seeds convert at once, one
+single-threaded process each (``--workers``); one conversion is about 75 min of one core, so the
+first run can also be spread over several lock sessions with ``--seeds 0``, ``--seeds 1``, ...;
+a run that finds all its seeds cached takes minutes.
+
+    flock /tmp/modular-bench.lock .venv/bin/python benchmarks/acm.py
 """
 
 from __future__ import annotations
@@ -54,11 +61,13 @@ import re
 import statistics
 import time
 from collections import defaultdict
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from common import mean_sd, run_stages, settings_hash  # noqa: E402
 from transformers import AutoModel, AutoTokenizer  # noqa: E402
 
 from modular.acm import (  # noqa: E402
@@ -71,7 +80,7 @@ from modular.acm import (  # noqa: E402
     reset_stats,
     set_threshold,
 )
-from modular.app.corpora import gcide_paragraphs
+from modular.app.corpora import gcide_paragraphs  # noqa: E402
 from modular.app.minilm import minilm_distillation_loss, minilm_encode, minilm_path  # noqa: E402
 from modular.checkpoint import atomic_output_dir  # noqa: E402
 
@@ -95,16 +104,18 @@ def gcide_sentences() -> list[str]:
     return sentences
 
 
-def split_sentences(sentences: list[str], n_calib: int, n_eval: int, heldout_every: int) -> tuple[list[str], list[str]]:
-    stride = max(1, int(len(sentences) / ((n_calib + n_eval) * 1.1)))
-    picked = sentences[::stride]
-    heldout = [s for i, s in enumerate(picked) if i % heldout_every == 0][:n_eval]
-    calib = [s for i, s in enumerate(picked) if i % heldout_every != 0][:n_calib]
-    return calib, heldout
+def split_sentences(sentences: list[str], n_validation: int, n_test: int, n_calibration: int | None = None) -> dict[str, list[str]]:
+    """Calibration: sentence i with i % 10 == 0; validation: i % 10 == 3; test: i % 10 == 7 (each
+    evenly thinned to the count asked for; calibration ``None``: all of its stream)."""
+    def spread(stream: list[str], count: int | None) -> list[str]:
+        return stream if count is None else stream[:: max(1, len(stream) // count)][:count]
+
+    return {"calibration": spread(sentences[0::10], n_calibration), "validation": spread(sentences[3::10], n_validation),
+            "test": spread(sentences[7::10], n_test)}
 
 
-def batches(tokenizer, sentences: list[str], batch_size: int) -> list[dict]:
-    """Batches without padding: sentences grouped by token count, batch order shuffled (seed 0).
+def batches(tokenizer, sentences: list[str], batch_size: int, seed: int = 0) -> list[dict]:
+    """Batches without padding: sentences grouped by token count, batch order shuffled with ``seed``.
 
     The ACMs see (and their statistics count) every position of a batch, padding included, so
     padded batches would report a FLOP fraction over padding too, where the timing and the
@@ -118,7 +129,7 @@ def batches(tokenizer, sentences: list[str], batch_size: int) -> list[dict]:
         for i in range(0, len(rows), batch_size):
             ids = torch.tensor(rows[i:i + batch_size])
             out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)})
-    random.Random(0).shuffle(out)
+    random.Random(seed).shuffle(out)
     return out
 
 
@@ -195,45 +206,62 @@ def time_ffn_stacks(dense, acm, inputs: list[torch.Tensor], repeats: int, chunk:
     return {f"{stat.__name__}_{key}": stat(values) for key, values in times.items() for stat in (statistics.median, min)}
 
 
-def phase_3(acm, dense, data: list[dict], config: ACMConfig, steps: int, lr: float) -> None:
+def phase_3(acm, dense, data: list[dict], config: ACMConfig) -> dict:
     """End-to-end: 1 - cosine to the dense model's embeddings of the same batch (computed once) +
-    the budget penalty (:func:`modular.acm.finetune_end_to_end`; lr decays linearly to 0: a
-    constant 3e-4 peaked near 100 steps and then got noisier in a probe)."""
+    the budget penalty (:func:`modular.acm.finetune_end_to_end`, the config's steps and lr)."""
     items = [(batch, embed(dense, [batch])) for batch in data]
-    history = finetune_end_to_end(acm, items, minilm_distillation_loss, config, steps=steps, lr=lr)
-    for step in sorted({*range(0, steps, max(1, steps // 12)), steps - 1}):
+    history = finetune_end_to_end(acm, items, minilm_distillation_loss, config)
+    steps = len(history)
+    marks = sorted({*range(0, steps, max(1, steps // 12)), steps - 1})
+    for step in marks:
         print(f"e2e step {step}: 1 - cos {history[step]['task']:.4f}, penalty {history[step]['penalty']:.3f}", flush=True)
+    return {str(step): history[step] for step in marks}
 
 
-CONVERSION_ARGS = ("calib", "eval", "heldout_every", "num_learners", "distill_steps", "distill_lr", "distill_loss", "gate_steps",
-                   "label_factor", "e2e_steps", "e2e_lr")
+def conversion_settings(sentences: dict[str, list[str]], config: ACMConfig) -> dict:
+    return {"acm": asdict(config), "calibration": settings_hash({"sentences": sentences["calibration"]})}
 
 
-def converted_model(dense, config: ACMConfig, calib: list[dict], args, started: float, before_e2e=None):
-    """Phases 1-3, saved to ``--out``/model (``save_pretrained``); with ``--reuse``, the saved model
-    is loaded instead (``modular.load_model``) when it was made with the same conversion settings."""
+def is_cached(sentences: dict[str, list[str]], config: ACMConfig, cache: Path) -> bool:
+    return (cache / f"model-{settings_hash(conversion_settings(sentences, config))}" / "conversion.json").is_file()
+
+
+def convert_job(sentences: dict[str, list[str]], config: ACMConfig, cache: Path, threads: int) -> None:
+    """One seed's conversion in a process of its own (cached on disk for the parent to load)."""
+    torch.set_num_threads(threads)
+    path = minilm_path()
+    converted_model(AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path), sentences, config, cache)
+
+
+def converted_model(dense, tokenizer, sentences: dict[str, list[str]], config: ACMConfig, cache: Path):
+    """Phases 1-3 with ``config``, cached as a ``save_pretrained`` folder keyed by the config and
+    the calibration sentences (``modular.load_model`` reads it back). Phases 1-2 alone are scored
+    on validation first, for the record (``conversion.json`` in the folder)."""
     from modular import load_model
 
-    folder, settings = args.out / "model", {key: getattr(args, key) for key in CONVERSION_ARGS}
-    saved = folder / "benchmark_settings.json"
-    if args.reuse and saved.is_file() and json.loads(saved.read_text()) == settings:
-        print(f"reusing the converted model in {folder}", flush=True)
+    settings = conversion_settings(sentences, config)
+    folder = cache / f"model-{settings_hash(settings)}"
+    if (folder / "conversion.json").is_file():
+        print(f"seed {config.seed}: cached in {folder}", flush=True)
         return load_model(folder).eval()
-    if args.reuse:
-        print(f"--reuse: no model converted with these settings in {folder}; converting", flush=True)
+    started = time.time()
+    torch.manual_seed(config.seed)
+    calib = batches(tokenizer, sentences["calibration"], 64, seed=config.seed)
+    validation = batches(tokenizer, sentences["validation"], 64)
     acm = acmize(copy.deepcopy(dense), config, calib)
     for log in acm.acm_conversion_log:
         print(f"{log['module']}: distill {log['distill_loss']:.4g}, relative error by prefix "
               f"{[round(e, 3) for e in log['relative_error']]}, labels {log['label_histogram']}", flush=True)
-    print(f"conversion took {time.time() - started:.0f} s", flush=True)
-    if args.e2e_steps:
-        if before_e2e is not None:
-            before_e2e(acm)
-        phase_3(acm, dense, calib, config, args.e2e_steps, args.e2e_lr)
-        print(f"end-to-end fine-tuning done at {time.time() - started:.0f} s", flush=True)
-    with atomic_output_dir(folder, force=True) as tmp:  # complete before it replaces the previous model
+    reference = embed(dense, validation)
+    before = {"validation_at_50": evaluate(acm, validation, reference, threshold_for(acm, validation, 0.5)),
+              "validation_all_learners": evaluate(acm, validation, reference, 1.0)}
+    print(f"seed {config.seed}: phases 1-2 in {time.time() - started:.0f} s; on validation, before phase 3: {before}", flush=True)
+    e2e = phase_3(acm, dense, calib, config)
+    record = {"settings": settings, "before_phase_3": before, "phase_3_history": e2e, "seconds": round(time.time() - started)}
+    with atomic_output_dir(folder, force=True) as tmp:
         acm.save_pretrained(tmp)
-        (tmp / saved.name).write_text(json.dumps(settings))
+        (tmp / "conversion.json").write_text(json.dumps(record, indent=1))
+    print(f"seed {config.seed}: converted in {time.time() - started:.0f} s", flush=True)
     return acm
 
 
@@ -278,86 +306,117 @@ def plot_time_ratios(by_call_size: list[list[float]], threads: int, path: Path) 
         ax.legend()
 
 
+def parse_set(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` of an ACMConfig field; VALUE read as JSON when it parses (numbers, null), else as text."""
+    key, _, value = text.partition("=")
+    known = {f.name for f in fields(ACMConfig)} - {"seed"}
+    if key not in known:
+        raise argparse.ArgumentTypeError(f"--set {text!r}: {key!r} is not an ACMConfig field ({', '.join(sorted(known))})")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def evaluate_seed(acm, dense, data: dict[str, list[dict]], references: dict[str, torch.Tensor]) -> dict:
+    """Threshold for 50 % of the FLOPs on validation; test scored once at it; the sweep on validation."""
+    threshold = threshold_for(acm, data["validation"], 0.5)
+    val_flops, val_cosine = evaluate(acm, data["validation"], references["validation"], threshold)
+    test_flops, test_cosine = evaluate(acm, data["test"], references["test"], threshold)
+    stats = compute_stats(acm)
+    curve = [[round(v, 4) for v in evaluate(acm, data["validation"], references["validation"], t)] for t in SWEEP]
+    set_threshold(acm, threshold)
+    return {"threshold": threshold, "validation": [round(val_flops, 4), round(val_cosine, 4)],
+            "test": [round(test_flops, 4), round(test_cosine, 4)], "stats": stats, "curve": curve}
+
+
+SWEEP = [0.02, 0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.75, 0.9, 1.0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--calib", type=int, default=10000, help="calibration sentences (at most those the corpus gives)")
-    parser.add_argument("--eval", type=int, default=500, help="held-out sentences")
-    parser.add_argument("--heldout-every", type=int, default=5)
-    parser.add_argument("--num-learners", type=int, default=8)
-    parser.add_argument("--distill-steps", type=int, default=1500)
-    parser.add_argument("--distill-lr", type=float, default=3e-4)
-    parser.add_argument("--distill-loss", choices=["mse", "relative"], default="relative")
-    parser.add_argument("--gate-steps", type=int, default=200)
-    parser.add_argument("--label-factor", type=float, default=1.2)
-    parser.add_argument("--e2e-steps", type=int, default=2400, help="phase-3 steps (0 = skip)")
-    parser.add_argument("--e2e-lr", type=float, default=1e-4)
+    parser.add_argument("--seeds", type=lambda t: [int(x) for x in t.split(",")], default=[0, 1, 2])
+    parser.add_argument("--set", type=parse_set, action="append", default=[], metavar="KEY=VALUE",
+                        help="override an ACMConfig field (default: the library's defaults)")
+    parser.add_argument("--calibration", type=int, default=None, help="calibration sentences (default: all of the stream)")
+    parser.add_argument("--validation", type=int, default=500, help="validation sentences")
+    parser.add_argument("--test", type=int, default=1000, help="test sentences")
     parser.add_argument("--repeats", type=int, default=21)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the wall-time measurement")
+    parser.add_argument("--convert-threads", type=int, default=1, help="torch threads of each conversion and of the scoring")
+    parser.add_argument("--workers", type=int, default=3, help="seeds converted at once, one process each")
     parser.add_argument("--call-sizes", type=lambda text: [int(n) for n in text.split(",")], default=[512, 1536, 4096],
                         help="also time the FFN stacks in calls of these many tokens (comma-separated; a 64-sentence batch is ~1500)")
+    parser.add_argument("--no-timing", action="store_true", help="skip the wall-time measurement")
     parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--reuse", action="store_true",
-                        help="load the model a previous run converted with the same settings (from --out/model) instead of converting")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    torch.set_num_threads(args.convert_threads)
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    overrides = dict(args.set)
+    base_config = ACMConfig(**overrides)
 
     path = minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     dense = AutoModel.from_pretrained(path).eval()
-    calib_sentences, eval_sentences = split_sentences(gcide_sentences(), args.calib, args.eval, args.heldout_every)
-    assert not set(calib_sentences) & set(eval_sentences)
-    calib, held_out = batches(tokenizer, calib_sentences, 64), batches(tokenizer, eval_sentences, 64)
-    print(f"{len(calib_sentences)} calibration / {len(eval_sentences)} held-out sentences, "
-          f"{sum(int(b['attention_mask'].sum()) for b in calib)} calibration tokens", flush=True)
+    sentences = split_sentences(gcide_sentences(), args.validation, args.test, args.calibration)
+    assert not set(sentences["test"]) & (set(sentences["calibration"]) | set(sentences["validation"]))
+    data = {name: batches(tokenizer, sentences[name], 64) for name in ("validation", "test")}
+    references = {name: embed(dense, data[name]) for name in data}
+    print(f"{len(sentences['calibration'])} calibration / {len(sentences['validation'])} validation / "
+          f"{len(sentences['test'])} test sentences ({sum(int(b['attention_mask'].sum()) for b in data['test'])} test tokens)",
+          flush=True)
 
-    config = ACMConfig(num_learners=args.num_learners, distill_steps=args.distill_steps, distill_lr=args.distill_lr,
-                       distill_loss=args.distill_loss, gate_steps=args.gate_steps, label_factor=args.label_factor)
-    reference = embed(dense, held_out)
+    configs = {seed: replace(base_config, seed=seed) for seed in args.seeds}
+    cache = args.out / "cache"
+    run_stages([[(convert_job, (sentences, configs[s], cache, args.convert_threads)) for s in args.seeds
+                 if not is_cached(sentences, configs[s], cache)]], args.workers)
+    torch.set_num_threads(args.convert_threads)
+    results = {}
+    for seed in args.seeds:
+        acm = converted_model(dense, tokenizer, sentences, configs[seed], cache)
+        results[seed] = evaluate_seed(acm, dense, data, references)
+        print(f"seed {seed}: threshold {results[seed]['threshold']:.4f}; validation {results[seed]['validation']}, "
+              f"test {results[seed]['test']} (FLOP fraction, cosine)", flush=True)
+        if seed == args.seeds[0]:
+            first = acm
+    first_result = results[args.seeds[0]]
+    plot_stats(first_result["stats"], args.out / "compute_stats_at_50.png")
+    plot_curve(first_result["curve"], tuple(first_result["validation"]), args.out / "quality_vs_compute.png")
+    cosine = mean_sd([r["test"][1] for r in results.values()])
+    flops = mean_sd([r["test"][0] for r in results.values()])
+    print(f"test cosine at 50 % of the FLOPs: {cosine}; FLOP fraction {flops}", flush=True)
 
-    def before_e2e(model) -> None:  # what phases 1-2 alone give, for the record
-        t50 = threshold_for(model, calib[: len(held_out)], 0.5)
-        flops, cosine = evaluate(model, held_out, reference, t50)
-        full = evaluate(model, held_out, reference, 1.0)
-        print(f"before end-to-end: cosine {cosine:.4f} at {flops:.3f} of dense FLOPs, {full[1]:.4f} with all learners", flush=True)
-
-    acm = converted_model(dense, config, calib, args, started, before_e2e)
-    thresholds = [0.02, 0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.75, 0.9, 1.0]
-    curve = [[round(v, 4) for v in evaluate(acm, held_out, reference, t)] for t in thresholds]
-    for t, (frac, cos) in zip(thresholds, curve):
-        print(f"threshold {t:.2f}: {frac:.3f} of dense FLOPs, cosine {cos:.4f}", flush=True)
-
-    t50 = threshold_for(acm, calib[: len(held_out)], 0.5)  # a held-out-sized slice of the calibration set
-    flops_50, cosine_50 = evaluate(acm, held_out, reference, t50)
-    stats = compute_stats(acm)
-    plot_stats(stats, args.out / "compute_stats_at_50.png")
-    plot_curve(curve, (flops_50, cosine_50), args.out / "quality_vs_compute.png")
-    print(f"50 % budget: threshold {t50:.4f}, held-out {flops_50:.3f} of dense FLOPs, cosine {cosine_50:.4f}; "
-          f"mean learners per layer {[round(x['mean_learners'], 2) for x in stats['layers']]}", flush=True)
-
-    inputs = ffn_inputs(dense, held_out)
-    timing = time_ffn_stacks(dense, acm, inputs, args.repeats)
-    dense_ms, acm_ms = timing["median_dense"], timing["median_acm"]
-    time_ratio = round(acm_ms / dense_ms, 3)
-    print(f"FFN stack on {len(inputs[0])} tokens at once: dense {dense_ms:.1f} ms, ACM at 50 % {acm_ms:.1f} ms "
-          f"({time_ratio:.2f}x; minima {timing['min_dense']:.1f} / {timing['min_acm']:.1f} ms)", flush=True)
-    by_call_size = []
-    for size in args.call_sizes:
-        chunked = time_ffn_stacks(dense, acm, inputs, args.repeats, chunk=size)
-        by_call_size.append([size, round(chunked["median_acm"] / chunked["median_dense"], 3)])
-        print(f"same tokens in calls of {size}: dense {chunked['median_dense']:.1f} ms, ACM {chunked['median_acm']:.1f} ms "
-              f"({by_call_size[-1][1]:.2f}x)", flush=True)
-    by_call_size.append([len(inputs[0]), time_ratio])
-    plot_time_ratios(by_call_size, args.threads, args.out / "time_vs_call_size.png")
+    timing = {}
+    if not args.no_timing:
+        torch.set_num_threads(args.threads)
+        inputs = ffn_inputs(dense, data["test"])
+        medians = time_ffn_stacks(dense, first, inputs, args.repeats)
+        time_ratio = round(medians["median_acm"] / medians["median_dense"], 3)
+        print(f"FFN stack on {len(inputs[0])} tokens at once: dense {medians['median_dense']:.1f} ms, ACM at 50 % "
+              f"{medians['median_acm']:.1f} ms ({time_ratio:.2f}x; minima {medians['min_dense']:.1f} / {medians['min_acm']:.1f} ms)",
+              flush=True)
+        by_call_size = []
+        for size in args.call_sizes:
+            chunked = time_ffn_stacks(dense, first, inputs, args.repeats, chunk=size)
+            by_call_size.append([size, round(chunked["median_acm"] / chunked["median_dense"], 3)])
+            print(f"same tokens in calls of {size}: dense {chunked['median_dense']:.1f} ms, ACM {chunked['median_acm']:.1f} ms "
+                  f"({by_call_size[-1][1]:.2f}x)", flush=True)
+        by_call_size.append([len(inputs[0]), time_ratio])
+        plot_time_ratios(by_call_size, args.threads, args.out / "time_vs_call_size.png")
+        timing = {"dense_ffn_ms": round(medians["median_dense"], 2), "acm_ffn_ms_at_50": round(medians["median_acm"], 2),
+                  "time_ratio": time_ratio, "time_ratio_of_minima": round(medians["min_acm"] / medians["min_dense"], 3),
+                  "time_ratio_by_call_size": by_call_size, "test_tokens": len(inputs[0])}
     print(f"total {time.time() - started:.0f} s", flush=True)
     print(json.dumps({
-        "cosine_at_50": round(cosine_50, 4), "dense_ffn_ms": round(dense_ms, 2), "acm_ffn_ms_at_50": round(acm_ms, 2),
-        "curve": curve, "flops_at_50": round(flops_50, 4), "threshold_at_50": t50, "time_ratio": time_ratio,
-        "time_ratio_of_minima": round(timing["min_acm"] / timing["min_dense"], 3),
-        "time_ratio_by_call_size": by_call_size, "threads": args.threads,
-        "num_learners": args.num_learners, "histogram_at_50": stats["histogram"], "heldout_tokens": len(inputs[0]), "plots": str(args.out),
+        "cosine_at_50": cosine["mean"], "cosine_at_50_sd": cosine["sd"], "flops_at_50": flops["mean"],
+        "flops_at_50_sd": flops["sd"], "seeds": args.seeds,
+        "per_seed": {seed: {k: r[k] for k in ("threshold", "validation", "test")} for seed, r in results.items()},
+        "validation_curve": first_result["curve"], "histogram_at_50": first_result["stats"]["histogram"], **timing,
+        "threads": args.threads, "plots": str(args.out),
+        "config": {**{k: v for k, v in vars(args).items() if k != "set"}, "out": str(args.out),
+                   "acm": {k: v for k, v in asdict(base_config).items() if k != "seed"},
+                   "acm_is_library_default": base_config == ACMConfig()},
     }))
 
 

@@ -38,6 +38,21 @@ def _target_routers(model: nn.Module, config: AdaMoEConfig) -> list[tuple[str, n
     return [pair for i in config.layers for pair in by_layer[i]]
 
 
+def _check_top_k(name: str, router: nn.Module, config: AdaMoEConfig) -> None:
+    """k' must lie in [k, n + m]: AdaMoE adds null picks, it never takes true experts away."""
+    n, k, top_k = router.num_experts, router.top_k, config.top_k_for(router.top_k)
+    key = f"top_k={config.top_k}" if config.top_k is not None else f"k + extra_top_k = {top_k}"
+    if top_k < k:
+        raise ValueError(
+            f"AdaMoEConfig.{key} is below the model's own top-k {k} at {name}: AdaMoE adds null experts and never "
+            f"runs fewer than k picks; use top_k >= {k}, or leave top_k=None (k' = k + extra_top_k)"
+        )
+    if top_k > n + config.num_null_experts:
+        raise ValueError(
+            f"AdaMoEConfig.{key} is larger than the {n} true + {config.num_null_experts} null experts of {name}"
+        )
+
+
 def inject_adamoe(model: nn.Module, config: AdaMoEConfig | dict | None = None) -> list[str]:
     """Replace the router of each targeted MoE block by an AdaMoE router (``moe.router``).
 
@@ -60,12 +75,10 @@ def inject_adamoe(model: nn.Module, config: AdaMoEConfig | dict | None = None) -
             "which does not fit AdaMoE's n + m logits; set it to False and train with finetune.MoEAuxLossCallback"
         )
     for name, router in targets:
+        _check_top_k(name, router, config)
+    for name, router in targets:
         n = router.num_experts
-        top_k = config.top_k if config.top_k is not None else router.top_k
-        if top_k > n + config.num_null_experts:
-            raise ValueError(
-                f"AdaMoEConfig.top_k={top_k} is larger than the {n} true + {config.num_null_experts} null experts of {name}"
-            )
+        top_k = config.top_k_for(router.top_k)
         new = make_adamoe_router(
             router,
             num_null=config.num_null_experts,

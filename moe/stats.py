@@ -19,7 +19,7 @@ def routing_stats(model: nn.Module) -> list[dict]:
     the last batch, padding included.
 
     A plain HF MoE model records nothing: inject with ``AdaMoEConfig(num_null_experts=0,
-    top_k=None)`` (a no-op on its outputs) to measure it.
+    extra_top_k=0)`` (a no-op on its outputs) to measure it.
     """
     routers = adamoe_routers(model)
     if not routers:

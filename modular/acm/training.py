@@ -47,13 +47,14 @@ def budget_loss(model: nn.Module, config: ACMConfig, task_loss: Callable | None 
 
 def finetune_end_to_end(
     model: nn.Module, batches: Sequence, task_loss: Callable[[nn.Module, object], torch.Tensor], config: ACMConfig,
-    *, steps: int, lr: float, progress: bool = True,
+    *, steps: int | None = None, lr: float | None = None, progress: bool = True,
 ) -> list[dict]:
     """Phase 3 in a plain loop (:func:`budget_loss` is the same loss for ``Trainer``).
 
     Loss = ``task_loss(model, batches[step % len(batches)])`` + ``config.budget_weight`` *
     :func:`compute_penalty`; Adam on the ACM parameters only, the learning rate decaying
-    linearly from ``lr`` to 0 over ``steps``. Only the ACMs are put in training mode
+    linearly from ``lr`` to 0 over ``steps`` (``None``: ``config.finetune_lr`` /
+    ``config.finetune_steps``). Only the ACMs are put in training mode
     (straight-through Gumbel gates); the rest of the model keeps its mode (dropout stays off
     in an eval model) and gets no gradients meanwhile (its ``requires_grad`` flags are restored
     afterwards). The ACMs end in eval mode and frozen, as :func:`acmize` leaves them. A batch
@@ -63,6 +64,8 @@ def finetune_end_to_end(
     layers = [layer for _, layer in acm_modules(model)]  # raises when the model has no ACM
     if not batches:
         raise ValueError("finetune_end_to_end: no batches")
+    steps = config.finetune_steps if steps is None else steps
+    lr = config.finetune_lr if lr is None else lr
     if steps <= 0 or lr <= 0:
         raise ValueError(f"finetune_end_to_end: steps and lr must be positive, got steps={steps!r}, lr={lr!r}")
     trainable_before = {p: p.requires_grad for p in model.parameters()}

@@ -54,7 +54,8 @@ class DemoConfig:
     pretrain_steps: int = 300
     num_experts: int = 4
     top_k: int = 2
-    adamoe: dict = field(default_factory=lambda: dict(num_null_experts=4, top_k=3, null_logit_init="repeat_gate", aux_loss_coef=0.1))
+    adamoe: dict = field(default_factory=lambda: dict(num_null_experts=4, top_k=3, null_logit_init="repeat_gate",
+                                                   weighting="renormalized", aux_loss_coef=0.1))  # the paper's routing
     finetune_steps: int = 80
     lisa: dict = field(default_factory=lambda: dict(num_active_layers=2, interval_steps=20))
     finetune_lr: float = 1e-3

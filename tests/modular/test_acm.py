@@ -172,7 +172,7 @@ def test_dense_init_with_all_learners_is_the_dense_model(model_type, tiny, input
     acmize(model, ACMConfig(distill_steps=0, gate_steps=1, threshold=1.0), _calib(input_ids), progress=False)
     with torch.no_grad():
         assert torch.allclose(model(input_ids)[0], reference, atol=1e-5)
-    assert compute_stats(model)["mean_learners"] == 4
+    assert compute_stats(model)["mean_learners"] == 8  # the default N
 
 
 @pytest.mark.parametrize("model_type", ["llama", "bert"])
@@ -208,7 +208,7 @@ def test_threshold_trades_compute_for_quality_without_retraining(tiny, input_ids
         with torch.no_grad():
             errors.append((model(input_ids).logits - reference).pow(2).mean().item())
         fractions.append(compute_stats(model)["mean_learners"])
-    assert fractions == sorted(fractions) and fractions[0] < fractions[-1] == 4
+    assert fractions == sorted(fractions) and fractions[0] < fractions[-1] == 8
     assert errors[-1] < errors[0]
 
 
@@ -255,6 +255,8 @@ def test_finetune_end_to_end_trains_only_the_acms_toward_the_task_and_budget(tin
         finetune_end_to_end(tiny("bert"), [input_ids], distill_hidden, config, steps=1, lr=1e-2)
     with pytest.raises(ValueError, match="steps and lr must be positive"):
         finetune_end_to_end(model, [input_ids], distill_hidden, config, steps=0, lr=1e-2)
+    short = ACMConfig(distill_steps=0, gate_steps=1, finetune_steps=3, finetune_lr=1e-2)
+    assert len(finetune_end_to_end(model, [input_ids], distill_hidden, short, progress=False)) == 3  # steps from the config
 
 
 def test_stats_plot(tiny, input_ids, tmp_path):
@@ -277,6 +279,8 @@ def test_stats_plot(tiny, input_ids, tmp_path):
         ({"threshold": 1.5}, r"threshold must be None \(argmax\) or in \(0, 1\]"),
         ({"distill_steps": -1}, "distill_steps must be an int >= 0"),
         ({"distill_loss": "l1"}, "distill_loss must be one of mse, relative"),
+        ({"finetune_steps": 0}, "finetune_steps must be a positive int, got 0"),
+        ({"finetune_lr": -1e-4}, "finetune_lr must be a positive float"),
     ],
 )
 def test_bad_config(kwargs, match):

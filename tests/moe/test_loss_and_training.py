@@ -74,7 +74,7 @@ def test_callback_adds_the_aux_loss_to_the_training_loss(tiny, input_ids, tmp_pa
 def test_trainer_trains_null_logits_only_through_the_aux_loss(with_callback, tiny, tmp_path):
     # with renormalised true weights the LM loss does not reach the null logits: only the aux loss moves them
     model = tiny("olmoe", norm_topk_prob=True)
-    inject_adamoe(model, AdaMoEConfig(num_null_experts=4, top_k=3, aux_loss_coef=1.0))
+    inject_adamoe(model, AdaMoEConfig(num_null_experts=4, top_k=3, aux_loss_coef=1.0, weighting="renormalized"))
     before = model.model.layers[0].mlp.gate.null_bias.detach().clone()
     callbacks = [MoEAuxLossCallback()] if with_callback else []
     Trainer(model=model, args=_args(tmp_path), train_dataset=_dataset(), callbacks=callbacks).train()
