@@ -164,8 +164,9 @@ class ShardedWriter:
     """
 
     def __init__(self, folder: str | os.PathLike, layout: Sequence[tuple[str, Sequence[int], torch.dtype]],
-                 max_shard_bytes: int = 500 * 2**20):
+                 max_shard_bytes: int = 500 * 2**20, metadata: dict[str, str] | None = None):
         self.folder = Path(folder)
+        self.metadata = {"format": "pt", **(metadata or {})}  # each shard's ``__metadata__``
         self.layout = [(name, list(shape), dtype) for name, shape, dtype in layout]
         unsupported = sorted({str(dtype) for _, _, dtype in self.layout if dtype not in _ST_DTYPES})
         if unsupported:
@@ -190,7 +191,7 @@ class ShardedWriter:
         return SINGLE_FILE if n == 1 else f"model-{shard + 1:05d}-of-{n:05d}.safetensors"
 
     def _open_shard(self, shard: int) -> None:
-        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        header, offset = {"__metadata__": self.metadata}, 0
         for i in self.shards[shard]:
             name, shape, dtype = self.layout[i]
             nbytes = math.prod(shape) * dtype.itemsize
