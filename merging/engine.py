@@ -114,6 +114,9 @@ class _Plan:
                 else:
                     value = _value(p, settings.shared, name, t, mergekit, "parameters")
                 kwargs[p.keyword] = value
+            problem = method.check(kwargs) if method.check is not None else None
+            if problem is not None:
+                raise ValueError(f"merge method {method.name!r}, tensor {name!r}: {problem}")
             self.kwargs[name] = kwargs
 
 

@@ -22,14 +22,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def parse_size(size: int | str) -> int:
-    """``"500MB"``, ``"2GB"``, ``"1GiB"`` or an int -> bytes."""
+    """Bytes from an int or a size: ``"500MB"``, ``"2GB"``, ``"1GiB"``, or mergekit's ``"5B"``
+    / ``"500M"`` / ``"20K"`` (powers of 1000; mergekit compares them with bytes too)."""
     if isinstance(size, int):
         return size
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*", str(size), re.IGNORECASE)
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|[KMB])?\s*", str(size), re.IGNORECASE)
     if not match:
-        raise ValueError(f"shard size {size!r}: expected bytes or a size like '500MB' / '2GB'")
-    unit = (match.group(2) or "B").upper()
-    scale = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
+        raise ValueError(f"shard size {size!r}: expected bytes or a size like '500MB', '2GB' or mergekit's '5B'")
+    unit = (match.group(2) or "").upper()
+    scale = {"": 1, "K": 1e3, "M": 1e6, "B": 1e9, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
     return int(float(match.group(1)) * scale)
 
 

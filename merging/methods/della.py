@@ -17,6 +17,14 @@ __all__ = ["della", "della_linear"]
 DENSITY = density(0.5, "mean probability of keeping a delta entry")
 
 
+def _keep_probabilities_in_range(kwargs: dict) -> str | None:
+    """density ± epsilon must stay inside (0, 1) wherever density < 1 (mergekit raises mid-merge)."""
+    for keep, epsilon in zip(kwargs["density"], kwargs["epsilon"]):
+        if keep < 1 and not (keep - epsilon > 0 and keep + epsilon < 1):
+            return f"density {keep:g} ± epsilon {epsilon:g} must stay inside (0, 1)"
+    return None
+
+
 def _della(base, deltas, weights, density, epsilon, generator, rescale, **combine) -> torch.Tensor:
     k = len(deltas)
     densities, epsilons = per_model(density, k, "density"), per_model(epsilon, k, "epsilon")
@@ -28,7 +36,7 @@ def _della(base, deltas, weights, density, epsilon, generator, rescale, **combin
 
 
 @register_merge_method("della", parameters=[DENSITY, EPSILON, LAMBDA, normalize(True, consensus=True), rescale(True), COMBINE,
-                                            INT8_MASK], random=True)
+                                            INT8_MASK], random=True, check=_keep_probabilities_in_range)
 def della(
     base: torch.Tensor, deltas: Sequence[torch.Tensor], *, weights: float | Sequence[float] = 1.0,
     density: float | Sequence[float] = 0.5, epsilon: float | Sequence[float] = 0.15, lambda_: float = 1.0,
@@ -41,7 +49,7 @@ def della(
 
 
 @register_merge_method("della_linear", parameters=[DENSITY, EPSILON, LAMBDA, normalize(False, consensus=False), rescale(True),
-                                                   INT8_MASK], random=True)
+                                                   INT8_MASK], random=True, check=_keep_probabilities_in_range)
 def della_linear(
     base: torch.Tensor, deltas: Sequence[torch.Tensor], *, weights: float | Sequence[float] = 1.0,
     density: float | Sequence[float] = 0.5, epsilon: float | Sequence[float] = 0.15, lambda_: float = 1.0,

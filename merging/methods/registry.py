@@ -162,7 +162,8 @@ class MergeMethod:
     """A registered method. ``inputs``: ``"deltas"`` or ``"models"`` (module docstring);
     ``base``: ``"required"`` or ``"optional"``; ``models``: (min, max) number of non-base
     models (max None: any); ``random``: gets ``generator``; ``base_is_input``: with ``inputs
-    ="models"``, the base (when given) is passed among ``models`` (mergekit's ``linear``)."""
+    ="models"``, the base (when given) is passed among ``models`` (mergekit's ``linear``);
+    ``check``: a constraint across parameters, on one tensor's keyword arguments (what is wrong, or None)."""
 
     name: str
     fn: MergeFn
@@ -173,6 +174,7 @@ class MergeMethod:
     models: tuple[int, int | None] = (1, None)
     random: bool = False
     base_is_input: bool = False
+    check: Callable[[dict[str, Any]], str | None] | None = None  # on one tensor's resolved values, before any work
 
     def parameter(self, name: str) -> Parameter:
         by_name = {p.name: p for p in self.parameters}
@@ -203,6 +205,7 @@ def register_merge_method(
     name: str, *, parameters: Sequence[Parameter] = (), doc: str = "", overwrite: bool = False, weighted: bool = True,
     inputs: Literal["deltas", "models"] = "deltas", base: Literal["required", "optional"] = "required",
     models: tuple[int, int | None] = (1, None), random: bool = False, base_is_input: bool = False,
+    check: Callable[[dict[str, Any]], str | None] | None = None,
 ) -> Callable[[MergeFn], MergeFn]:
     """Decorator registering ``fn`` as merge method ``name`` (keywords: see :class:`MergeMethod`).
 
@@ -215,7 +218,7 @@ def register_merge_method(
         own = {p.name for p in parameters}
         declared = (*([WEIGHT] if weighted and "weight" not in own else []), *parameters)
         _METHODS[name] = MergeMethod(name, fn, declared, doc or (fn.__doc__ or "").strip().splitlines()[0], inputs, base,
-                                     models, random, base_is_input)
+                                     models, random, base_is_input, check)
         return fn
 
     return decorate

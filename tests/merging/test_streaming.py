@@ -58,5 +58,6 @@ def test_unknown_parameters_and_methods_are_named(llama_folders):
 
 def test_parse_size():
     assert parse_size("500MB") == 500_000_000 and parse_size("1GiB") == 2**30 and parse_size(123) == 123
+    assert parse_size("5B") == 5_000_000_000 and parse_size("20K") == 20_000  # mergekit's --out-shard-size
     with pytest.raises(ValueError, match="expected bytes or a size"):
         parse_size("lots")
