@@ -93,16 +93,14 @@ def _value(p, scopes: Sequence[Mapping[str, Setting]], tensor: str, t: float, me
 
 
 class _Plan:
-    """The resolved keyword arguments of every tensor, computed before any tensor is read."""
+    """The resolved keyword arguments of every tensor, computed before any tensor is read.
 
-    def __init__(self, method: MergeMethod, settings: Settings, participants: int, names: Sequence[str],
-                 positions: LayerPositions, with_base: bool):
-        self.method = method
-        model_scopes = [[scope, *settings.shared] for scope in settings.per_model]
-        if with_base:
-            model_scopes.append([settings.base, *settings.shared])
-        if len(model_scopes) != participants:
-            raise ValueError(f"{method.name}: parameters for {len(model_scopes)} models, but {participants} models to merge")
+    ``model_scopes``: for each model the method sees, in the order it sees them, its label and
+    the scopes of its per-model parameters (its own, then the shared ones).
+    """
+
+    def __init__(self, method: MergeMethod, settings: Settings,
+                 model_scopes: Sequence[tuple[str, Sequence[Mapping[str, Setting]]]], names: Sequence[str], positions: LayerPositions):
         mergekit = settings.mergekit_defaults
         self.kwargs = {}
         for name in names:
@@ -110,7 +108,7 @@ class _Plan:
             kwargs = {}
             for p in method.parameters:
                 if p.per_model:
-                    value = [_value(p, scopes, name, t, mergekit, f"models[{i}]") for i, scopes in enumerate(model_scopes)]
+                    value = [_value(p, scopes, name, t, mergekit, f"model {label!r}") for label, scopes in model_scopes]
                 else:
                     value = _value(p, settings.shared, name, t, mergekit, "parameters")
                 kwargs[p.keyword] = value
@@ -201,9 +199,13 @@ def merge(
     config = reference.config() or {}
     positions = LayerPositions(names, config.get("model_type"))
     floats = [n for n in names if reference.dtype(n).is_floating_point]
-    plan = _Plan(spec, settings, len(inputs) + with_base, floats, positions, with_base)
-    generator = torch.Generator().manual_seed(seed) if spec.random else None
     order = _participants(len(inputs), with_base, base_index)
+    own = [*settings.per_model, settings.base] if with_base else settings.per_model
+    if len(settings.per_model) != len(inputs):
+        raise ValueError(f"{method}: parameters for {len(settings.per_model)} models, but {len(inputs)} models to merge")
+    labels = [_label(m) for m in inputs] + ([_label(base_src)] if with_base else [])
+    plan = _Plan(spec, settings, [(labels[i], [own[i], *settings.shared]) for i in order], floats, positions)
+    generator = torch.Generator().manual_seed(seed) if spec.random else None
 
     def out_dtype_of(name: str) -> torch.dtype:
         return DTYPES[dtype] if dtype and reference.dtype(name).is_floating_point else reference.dtype(name)
@@ -221,7 +223,7 @@ def merge(
                 kwargs["weights"] = weights_of(name)
             if generator is not None:
                 kwargs["generator"] = generator
-            if name not in vocab_tensors and base_src is not None and not any(name in m for m in inputs):
+            if name not in vocab_tensors and all(isinstance(m, TaskVector) and name not in m for m in inputs):
                 yield name, base_src.get(name).to(out_dtype_of(name))  # no input changes it (e.g. LoRA-only merges)
                 continue
             tensors = _Tensors(name, base_src, inputs, compute, vocabulary if name in vocab_tensors else None)
@@ -237,7 +239,7 @@ def merge(
     if out is None:
         return dict(merged_tensors())
     record = merge_record(method=spec, base=_label(base_src) if base_src is not None else None,
-                          models=[_label(m) for m in inputs], settings=settings, dtype=dtype, compute_dtype=compute_dtype)
+                          models=labels[: len(inputs)], settings=settings, dtype=dtype, compute_dtype=compute_dtype)
     out_config = dict(config) if config else None
     if out_config is not None and vocabulary is not None:
         out_config["vocab_size"] = vocabulary.vocab_size

@@ -197,14 +197,6 @@ def test_task_vector_extract_writes_the_file_it_is_given(models, tmp_path):
 
 
 # ----------------------------------------------------------------------------- outputs
-def test_python_api_with_explicit_parameters_equals_mergekit(models):
-    """The README's legacy TIES example as ``merging.merge`` keywords: mergekit's tensors."""
-    tvs = [TaskVector.from_models(models / "base", models / f) for f in ("ft1", "ft2")]
-    ours = merge("ties", models / "base", tvs, weights=[0.3, 0.5], density=0.5, progress=False)
-    theirs = load_file(str(reference.REFERENCES / "04_readme_legacy_ties.published.safetensors"))
-    assert all(torch.allclose(ours[n], t, atol=1e-6) for n, t in theirs.items())
-
-
 def test_merge_folder_records_the_merge_and_the_report_renders_it(models, tmp_path):
     from modular.app.report import write_report
 
@@ -217,3 +209,26 @@ def test_merge_folder_records_the_merge_and_the_report_renders_it(models, tmp_pa
     assert record["defaults"]["normalize"] is True and record["defaults_from"] == "mergekit 0.1.5"
     html = write_report([tmp_path / "out"], tmp_path / "report.html").read_text()
     assert "Merge: out" in html and "int8_mask" in html and "[1, 0.5]" in html
+
+
+def test_linear_with_the_base_listed_first_weighs_each_model_by_its_own_weight(models, tmp_path):
+    base, ft1 = _state(models / "base"), _state(models / "ft1")
+    merged = _run(tmp_path, {"merge_method": "linear", "base_model": str(models / "base"),
+                             "models": [{"model": str(models / "base"), "parameters": {"weight": 0.2}},
+                                        {"model": str(models / "ft1"), "parameters": {"weight": 0.6}}]})
+    assert all(torch.allclose(t, (0.2 * base[n] + 0.6 * ft1[n]) / 0.8, atol=1e-6) for n, t in merged.items())
+
+
+@pytest.mark.parametrize("form", ["folders", "state dicts", "task vectors"])
+def test_python_api_takes_models_in_any_form(models, form):
+    """Folders, in-memory state dicts and task vectors give the same merge; ``linear`` needs no base."""
+    folders = [models / "ft1", models / "ft2"]
+    inputs = {"folders": folders, "state dicts": [_state(f) for f in folders],
+              "task vectors": [TaskVector.from_models(models / "base", f) for f in folders]}[form]
+    ties = merge("ties", models / "base", inputs, weights=[0.3, 0.5], density=0.5, progress=False)  # mergekit's README legacy TIES
+    theirs = load_file(str(reference.REFERENCES / "04_readme_legacy_ties.published.safetensors"))
+    assert all(torch.allclose(ties[n], t, atol=1e-6) for n, t in theirs.items())
+    if form != "task vectors":
+        averaged = merge("linear", None, inputs, weights=[1.0, 3.0], progress=False)
+        ft1, ft2 = (_state(f) for f in folders)
+        assert all(torch.allclose(t, (ft1[n] + 3 * ft2[n]) / 4, atol=1e-6) for n, t in averaged.items())
