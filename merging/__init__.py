@@ -29,9 +29,9 @@ from .methods import (
     ties_process,
     trim_magnitude,
 )
-from .run import open_model, run_merge
+from .run import run_merge
 from .sources import DictSource
-from .task_vector import TaskVector, is_task_vector, ties_processed
+from .task_vector import TaskVector, is_task_vector, open_model, ties_processed
 
 __all__ = [
     "AdaMergingConfig",

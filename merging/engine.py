@@ -26,7 +26,7 @@ from .methods import REQUIRED, MergeMethod, get_merge_method
 from .output import merge_record, model_card, write_model_folder
 from .parameters import LayerPositions, Setting, resolve_setting
 from .sources import DEFAULT_SHARD_BYTES, DTYPES, as_source, check_compatible
-from .task_vector import TaskVector
+from .task_vector import TaskVector, open_model
 
 __all__ = ["Settings", "merge"]
 
@@ -148,7 +148,9 @@ def merge(
         base: θ_0 as a checkpoint folder, a module or a dict of tensors (``None`` for methods
             that need no base, e.g. ``linear``).
         models: the inputs: :class:`merging.TaskVector` objects (deltas over ``base``), or full
-            models (checkpoint folders, modules, dicts of tensors), in any mix.
+            models (modules, dicts of tensors, folders), in any mix. Paths are read as YAML
+            ``model:`` entries: a saved task vector or a PEFT adapter folder is a delta over
+            ``base``, ``MODEL+ADAPTER`` a model with the adapter merged in.
         weights: per-model weights w_k; a callable ``name -> [w_k]`` gives per-tensor ones.
         out: write a model folder there (refuses a non-empty folder unless ``force``).
         dtype: output dtype (``float32``/``bfloat16``/``float16``); default: the base's.
@@ -174,8 +176,10 @@ def merge(
         if value is not None and value not in DTYPES:
             raise ValueError(f"{key} {value!r} is not allowed; expected one of {', '.join(DTYPES)}")
     compute = DTYPES[compute_dtype]
-    base_src = as_source(base) if base is not None else None
-    inputs = [m if isinstance(m, TaskVector) else as_source(m) for m in models]
+    base_src = _open(base) if base is not None else None
+    if isinstance(base_src, TaskVector):
+        raise ValueError(f"base model {base_src.label!r} is a task vector (deltas); give the model it was taken from")
+    inputs = [_open(m) for m in models]
     spec.check_models(len(inputs), base_src is not None)
     reference = base_src if base_src is not None else inputs[0]
     if isinstance(reference, TaskVector):
@@ -256,6 +260,14 @@ def merge(
         tokenizer_source=tokenizer, card=model_card(record, extra=card), record=record, max_shard_bytes=max_shard_bytes, force=force,
         write_extra=extra_files,
     )
+
+
+def _open(model):
+    """A model as given: a path is read as ``model:`` entries are (task vectors and adapters as
+    deltas, ``BASE+LORA``); modules and dicts of tensors become sources."""
+    if isinstance(model, (str, os.PathLike)):
+        return open_model(model)
+    return model if isinstance(model, TaskVector) else as_source(model)
 
 
 def _label(source) -> str:

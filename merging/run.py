@@ -7,38 +7,18 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from modular.checkpoint import SafetensorsCheckpoint, atomic_write_text
+from modular.checkpoint import atomic_write_text
 
 from .adamerging_yaml import run_adamerging
 from .config import ADAMERGING, MergeConfig
 from .engine import Settings, merge
-from .lora import LoraAdapter, LoraMerged, is_lora_adapter
 from .parameters import LayerPositions
 from .sources import parse_size
-from .task_vector import TaskVector, is_task_vector
+from .task_vector import TaskVector, open_model
 
-__all__ = ["open_model", "run_merge"]
+__all__ = ["run_merge"]
 
 MERGEKIT_CONFIG = "mergekit_config.yml"  # the config, verbatim, where mergekit writes it
-
-
-def open_model(spec: str):
-    """One ``model:`` string: ``BASE+LORA`` (the model with the adapter merged in, mergekit's
-    form), a saved task vector or a PEFT adapter folder (deltas over the base model), or a
-    checkpoint folder."""
-    parts = spec.split("+")
-    if len(parts) > 2 or not all(parts):
-        raise ValueError(f"model {spec!r}: expected a folder or MODEL+LORA_ADAPTER (one '+')")
-    for part in parts:
-        if not Path(part).exists():
-            raise FileNotFoundError(f"model {spec!r}: {part!r} does not exist (models are local folders; download hub models first)")
-    if len(parts) == 2:
-        return LoraMerged(SafetensorsCheckpoint(parts[0]), LoraAdapter(parts[1]), label=spec)
-    if is_task_vector(spec):
-        return TaskVector.load(spec)
-    if is_lora_adapter(spec):
-        return TaskVector.from_lora(spec, label=spec)
-    return SafetensorsCheckpoint(spec)
 
 
 def _folder(model, base) -> Path:

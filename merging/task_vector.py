@@ -33,7 +33,7 @@ from modular.checkpoint import (
 from .methods import ties_process
 from .sources import DEFAULT_SHARD_BYTES, as_source, check_compatible, first_mismatches
 
-__all__ = ["FORMAT", "TaskVector", "is_task_vector", "ties_processed"]
+__all__ = ["FORMAT", "TaskVector", "is_task_vector", "open_model", "ties_processed"]
 
 FORMAT = "modular-task-vector"
 META_FILE = "task_vector.json"
@@ -60,6 +60,9 @@ class TaskVector:
 
         ``exclude``: regex; matching names are left out (e.g. per-task heads, ``"^classifier\\."``).
         """
+        for what, model in (("base", base), ("fine-tuned model", finetuned)):
+            if isinstance(model, (str, os.PathLike)) and is_task_vector(model):
+                raise ValueError(f"{what} {str(model)!r} is a saved task vector, not a model; use TaskVector.load")
         base_src, ft_src = as_source(base), as_source(finetuned)
         keep = [n for n in base_src.names() if not (exclude and re.search(exclude, n))]
         ft_keep = [n for n in ft_src.names() if not (exclude and re.search(exclude, n))]
@@ -191,6 +194,28 @@ class TaskVector:
 
     def __repr__(self) -> str:
         return f"TaskVector({self.label!r}, {len(self.shapes)} tensors)"
+
+
+def open_model(spec: str | os.PathLike):
+    """A ``model:`` entry: ``BASE+LORA`` (the model with the adapter merged in, mergekit's form), a
+    saved task vector or a PEFT adapter folder (deltas over the base model, as :class:`TaskVector`),
+    or a checkpoint folder."""
+    from .lora import LoraAdapter, LoraMerged, is_lora_adapter
+
+    spec = str(spec)
+    parts = spec.split("+")
+    if len(parts) > 2 or not all(parts):
+        raise ValueError(f"model {spec!r}: expected a folder or MODEL+LORA_ADAPTER (one '+')")
+    for part in parts:
+        if not Path(part).exists():
+            raise FileNotFoundError(f"model {spec!r}: {part!r} does not exist (models are local folders; download hub models first)")
+    if len(parts) == 2:
+        return LoraMerged(SafetensorsCheckpoint(parts[0]), LoraAdapter(parts[1]), label=spec)
+    if is_task_vector(spec):
+        return TaskVector.load(spec)
+    if is_lora_adapter(spec):
+        return TaskVector.from_lora(spec, label=spec)
+    return SafetensorsCheckpoint(spec)
 
 
 def is_task_vector(path: str | os.PathLike) -> bool:

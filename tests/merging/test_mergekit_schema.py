@@ -181,6 +181,12 @@ def test_a_saved_task_vector_is_used_as_a_delta_never_as_a_model(models, tmp_pat
     merged = _run(tmp_path, config)
     expected = merge("task_arithmetic", models / "base", [tv], weights=0.7, progress=False)
     assert all(torch.allclose(merged[n], t, atol=1e-7) for n, t in expected.items())
+    from_python = merge("task_arithmetic", models / "base", [saved], weights=0.7, progress=False)
+    assert all(torch.equal(from_python[n], t) for n, t in merged.items())
+    with pytest.raises(ValueError, match="is a task vector"):
+        merge("task_arithmetic", saved, [models / "ft1"], progress=False)
+    with pytest.raises(ValueError, match="is a saved task vector, not a model"):
+        TaskVector.from_models(models / "base", saved)
 
 
 def test_task_vector_extract_writes_the_file_it_is_given(models, tmp_path):
