@@ -250,9 +250,20 @@ def _umask() -> int:
     return mask
 
 
+def _apply_umask(folder: Path) -> None:
+    """Give everything written into ``folder`` the modes a plain ``open``/``mkdir`` would: some
+    writers create files 0600 whatever the umask (safetensors' ``save_file``, hence
+    ``save_pretrained``'s weights)."""
+    mask = _umask()
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``out``; on success it replaces ``out`` in one rename.
+    """Yield a temporary folder beside ``out``; on success it replaces ``out`` in one rename,
+    its files and folders with the user's umask.
 
     Refuses to replace an existing non-empty ``out`` unless ``force``; on error (or
     ``KeyboardInterrupt``) the temporary folder is removed and ``out`` is left as it was.
@@ -267,6 +278,7 @@ def atomic_output_dir(out: str | os.PathLike, *, force: bool = False) -> Iterato
     tmp = _temporary_sibling(out, folder=True)
     try:
         yield tmp
+        _apply_umask(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -130,3 +130,15 @@ def test_merging_runs_without_training_plotting_or_data_packages(models, tmp_pat
                           timeout=300, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_files_written_0600_inside_an_output_folder_get_the_umask(tmp_path):
+    """safetensors' save_file (so save_pretrained) creates 0600 files whatever the umask."""
+    script = ("import os, sys; os.umask(0o022)\n"
+              "from modular.checkpoint import atomic_output_dir\n"
+              "from modular.testing import tiny_model\n"
+              "with atomic_output_dir(sys.argv[1]) as tmp:\n    tiny_model('llama').save_pretrained(tmp / 'model')")
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").rglob("*")}
+    assert modes["model.safetensors"] == 0o644 and modes["model"] == 0o755 and set(modes.values()) == {0o644, 0o755}
