@@ -86,7 +86,7 @@ def merge_record(*, method, base: str | None, models: list[str], settings, dtype
 
 
 def _shown(value) -> str:
-    return json.dumps(value) if not isinstance(value, str) else value
+    return f"`{json.dumps(value) if not isinstance(value, str) else value}`"
 
 
 def model_card(record: dict, extra: dict | None = None) -> str:

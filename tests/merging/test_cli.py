@@ -37,7 +37,7 @@ def test_merge_cli_round_trip(llama_folders, tmp_path, input_ids):
     out = tmp_path / "out"
     assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("model-*.safetensors"))) > 1
     card = (out / "README.md").read_text()
-    assert "method: `ties`" in card and "normalize: true" in card
+    assert "method: `ties`" in card and "normalize: `true`" in card
     merged = load_model(out)
     tvs = [TaskVector.from_models(base, f) for f in fts]
     expected = merge("ties", base, tvs, weights=[1.0, 0.5, 0.8], density=0.5, lambda_=0.9, combine="mergekit", progress=False)
