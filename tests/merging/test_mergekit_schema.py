@@ -238,3 +238,14 @@ def test_python_api_takes_models_in_any_form(models, form):
         averaged = merge("linear", None, inputs, weights=[1.0, 3.0], progress=False)
         ft1, ft2 = (_state(f) for f in folders)
         assert all(torch.allclose(t, (ft1[n] + 3 * ft2[n]) / 4, atol=1e-6) for n, t in averaged.items())
+
+
+def test_input_paths_name_every_folder_a_merge_reads(models, tmp_path):
+    """What an output folder must never overlap: models, LoRA adapters, the base, tokenizer sources."""
+    path = tmp_path / "m.yml"
+    path.write_text(yaml.safe_dump({
+        "merge_method": "task_arithmetic", "base_model": str(models / "base"),
+        "models": [{"model": f"{models / 'ft1'}+{models / 'lora'}"}, {"model": str(models / "ft_chat")}],
+        "tokenizer": {"source": str(models / "ft2"), "tokens": {"tok5": {"source": str(models / "ft_chat")}}},
+    }))
+    assert load_merge_config(path).input_paths() == [str(models / r) for r in ("ft1", "lora", "ft_chat", "base", "ft2")]
