@@ -23,8 +23,8 @@
 Which keys a method accepts, per model or globally, with which defaults and ranges, is read from
 the method registry (:mod:`merging.methods.registry`); defaults are mergekit's for YAML. What
 mergekit silently ignores is ignored here with a warning (a global parameter written under a
-model, a key that only another method uses, ``pattern:``, a top-level ``name:``); a key that no
-method knows is refused (a typo). ``slices:`` is accepted when it is one slice covering every
+model, a key that only another method uses, ``pattern:``); a key that no method knows is refused
+(a typo); a top-level ``name:`` (mergekit-multi's stage name) is accepted and not used. ``slices:`` is accepted when it is one slice covering every
 layer of every source (= ``models:``); frankenmerges are not supported yet. Paths are relative
 to the working directory, as in mergekit.
 """
