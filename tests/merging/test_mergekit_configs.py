@@ -92,11 +92,9 @@ def _same_generator(config: Path) -> None:
                     f"this is {torch.__version__}")
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.stem)
+@pytest.mark.parametrize("config", [c for c in CONFIGS if not c.name.startswith("18")], ids=lambda c: c.stem)  # 18: below
 def test_float32_tensors_equal_mergekit(config, models, references, tmp_path):
     _same_generator(config)
-    if config.name.startswith("18"):
-        pytest.skip("test_edge_config_resolution_matches_mergekit")
     variant = "fp32" if reference.half_dtype(config) else "published"
     theirs = load_file(str(references / reference.reference_name(config, variant)))
     _assert_same(_ours(config, variant, models, tmp_path), theirs, atol=1e-6)
