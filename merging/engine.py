@@ -287,7 +287,7 @@ class _Tensors:
 
     def __init__(self, name: str, base_src, inputs: Sequence, dtype: torch.dtype, vocabulary=None):
         self.name, self.inputs, self.dtype = name, inputs, dtype
-        self.base = base_src.get(name).to(dtype) if base_src is not None else None
+        self.base = self._read(base_src) if base_src is not None else None
         self.aligned = None
         if vocabulary is not None:  # re-index rows to the output vocabulary, base last
             thetas = [self._theta(k) for k in range(len(inputs))] + ([self.base] if self.base is not None else [])
@@ -295,12 +295,27 @@ class _Tensors:
             if self.base is not None:
                 self.base = self.aligned[-1]
 
-    def _theta(self, k: int) -> torch.Tensor:
+    def _read(self, source) -> torch.Tensor:
+        tensor = source.get(self.name)
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"model {_label(source)!r}: tensor {self.name!r} contains NaN or inf")
+        return tensor.to(self.dtype)
+
+    def _task_delta(self, k: int) -> torch.Tensor:
         model = self.inputs[k]
-        if isinstance(model, TaskVector):
-            delta = model.get(self.name).to(self.dtype) if self.name in model else torch.zeros_like(self.base)
-            return self.base + delta
-        return model.get(self.name).to(self.dtype)
+        return model.get(self.name).to(self.dtype) if self.name in model else torch.zeros_like(self.base)
+
+    def _theta(self, k: int) -> torch.Tensor:
+        if isinstance(self.inputs[k], TaskVector):
+            return self.base + self._task_delta(k)
+        return self._read(self.inputs[k])
+
+    def delta(self, k: int) -> torch.Tensor:
+        if self.aligned is not None:
+            return self.aligned[k] - self.base
+        if isinstance(self.inputs[k], TaskVector):
+            return self._task_delta(k)
+        return self._read(self.inputs[k]) - self.base
 
     def models(self) -> list[torch.Tensor]:
         return self.aligned[: len(self.inputs)] if self.aligned is not None else [self._theta(k) for k in range(len(self.inputs))]
@@ -319,10 +334,4 @@ class _LazyDeltas(Sequence):
         return len(self.tensors.inputs)
 
     def __getitem__(self, k: int) -> torch.Tensor:
-        t = self.tensors
-        if t.aligned is not None:
-            return t.aligned[k] - t.base
-        model = t.inputs[k]
-        if isinstance(model, TaskVector):
-            return model.get(t.name).to(t.dtype) if t.name in model else torch.zeros_like(t.base)
-        return model.get(t.name).to(t.dtype) - t.base
+        return self.tensors.delta(k)

@@ -249,3 +249,16 @@ def test_input_paths_name_every_folder_a_merge_reads(models, tmp_path):
         "tokenizer": {"source": str(models / "ft2"), "tokens": {"tok5": {"source": str(models / "ft_chat")}}},
     }))
     assert load_merge_config(path).input_paths() == [str(models / r) for r in ("ft1", "lora", "ft_chat", "base", "ft2")]
+
+
+def test_nan_in_a_model_is_named(models, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    state = _state(models / "ft1")
+    state["model.layers.2.mlp.up_proj.weight"][0, 0] = float("nan")
+    from safetensors.torch import save_file
+
+    save_file(state, str(broken / "model.safetensors"))
+    (broken / "config.json").write_text((models / "ft1" / "config.json").read_text())
+    with pytest.raises(ValueError, match=r"broken'?: tensor 'model.layers.2.mlp.up_proj.weight' contains NaN or inf"):
+        _run(tmp_path, {"merge_method": "ties", "base_model": str(models / "base"), "models": [{"model": str(broken)}]})
