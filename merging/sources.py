@@ -18,18 +18,19 @@ from modular.checkpoint import SafetensorsCheckpoint
 __all__ = ["DTYPES", "DictSource", "as_source", "check_compatible", "first_mismatches", "parse_size"]
 
 DEFAULT_SHARD_BYTES = 500 * 2**20
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 def parse_size(size: int | str) -> int:
-    """``"500MB"``, ``"2GB"``, ``"1GiB"`` or an int -> bytes."""
+    """Bytes from an int or a size: ``"500MB"``, ``"2GB"``, ``"1GiB"``, or mergekit's ``"5B"``
+    / ``"500M"`` / ``"20K"`` (powers of 1000; mergekit compares them with bytes too)."""
     if isinstance(size, int):
         return size
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*", str(size), re.IGNORECASE)
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|[KMB])?\s*", str(size), re.IGNORECASE)
     if not match:
-        raise ValueError(f"shard size {size!r}: expected bytes or a size like '500MB' / '2GB'")
-    unit = (match.group(2) or "B").upper()
-    scale = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
+        raise ValueError(f"shard size {size!r}: expected bytes or a size like '500MB', '2GB' or mergekit's '5B'")
+    unit = (match.group(2) or "").upper()
+    scale = {"": 1, "K": 1e3, "M": 1e6, "B": 1e9, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
     return int(float(match.group(1)) * scale)
 
 
@@ -64,8 +65,9 @@ Source = SafetensorsCheckpoint | DictSource
 
 
 def as_source(obj) -> Source:
-    """A folder path, a ``torch.nn.Module``, a dict of tensors, or an existing source."""
-    if isinstance(obj, (SafetensorsCheckpoint, DictSource)):
+    """A folder path, a ``torch.nn.Module``, a dict of tensors, or an existing source (anything
+    with ``names``, ``shape``, ``dtype`` and ``get``, e.g. :class:`merging.lora.LoraMerged`)."""
+    if isinstance(obj, (SafetensorsCheckpoint, DictSource)) or all(hasattr(obj, a) for a in ("names", "shape", "dtype", "get")):
         return obj
     if isinstance(obj, torch.nn.Module):
         config = getattr(obj, "config", None)
@@ -82,19 +84,22 @@ def first_mismatches(items: list[str], limit: int = 5) -> str:
     return "; ".join(items[:limit]) + more
 
 
-def check_compatible(base: Source, other, *, what: str = "model", require_same_names: bool = True) -> None:
+def check_compatible(base: Source, other, *, what: str = "model", require_same_names: bool = True,
+                     vocabulary: set[str] | frozenset[str] = frozenset()) -> None:
     """Raise ``ValueError`` if ``other`` (a source or a task vector) cannot be merged into ``base``.
 
     Checks vocab sizes from the configs first (the usual cause of embedding mismatches), then
     names and shapes; the message lists the first mismatching tensors. ``require_same_names``:
     every base tensor must be in ``other`` (full models); task vectors may cover a subset.
+    ``vocabulary``: tensors whose rows are re-indexed to a merged vocabulary (a ``tokenizer:``
+    section): their row counts, and the configs' vocab sizes, may differ.
     """
     base_cfg, other_cfg = base.config() or {}, (other.config() if hasattr(other, "config") else None) or {}
     vb, vo = base_cfg.get("vocab_size"), other_cfg.get("vocab_size")
-    if vb is not None and vo is not None and vb != vo:
+    if vb is not None and vo is not None and vb != vo and not vocabulary:
         raise ValueError(
             f"vocab sizes differ: base {base!r} has vocab_size {vb}, {what} {other!r} has {vo}; "
-            "resize the fine-tuned model's embeddings to the base vocabulary before merging"
+            "merge the vocabularies (tokenizer: {source: union}) or resize the fine-tuned model's embeddings first"
         )
     base_names, other_names = set(base.names()), set(other.names())
     problems = []
@@ -104,7 +109,7 @@ def check_compatible(base: Source, other, *, what: str = "model", require_same_n
     problems += [
         f"{n!r} has shape {tuple(other.shape(n))} in {what}, {tuple(base.shape(n))} in base"
         for n in other.names()
-        if n in base_names and other.shape(n) != base.shape(n)
+        if n in base_names and other.shape(n)[n in vocabulary:] != base.shape(n)[n in vocabulary:]
     ]
     if problems:
         raise ValueError(

@@ -13,12 +13,16 @@ import functools
 import json
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from modular.checkpoint import (
+    TMP_MARK,
     CheckpointError,
     SafetensorsCheckpoint,
     ShardedWriter,
@@ -29,7 +33,7 @@ from modular.checkpoint import (
 from .methods import ties_process
 from .sources import DEFAULT_SHARD_BYTES, as_source, check_compatible, first_mismatches
 
-__all__ = ["FORMAT", "TaskVector", "ties_processed"]
+__all__ = ["FORMAT", "TaskVector", "is_task_vector", "open_model", "ties_processed"]
 
 FORMAT = "modular-task-vector"
 META_FILE = "task_vector.json"
@@ -56,6 +60,9 @@ class TaskVector:
 
         ``exclude``: regex; matching names are left out (e.g. per-task heads, ``"^classifier\\."``).
         """
+        for what, model in (("base", base), ("fine-tuned model", finetuned)):
+            if isinstance(model, (str, os.PathLike)) and is_task_vector(model):
+                raise ValueError(f"{what} {str(model)!r} is a saved task vector, not a model; use TaskVector.load")
         base_src, ft_src = as_source(base), as_source(finetuned)
         keep = [n for n in base_src.names() if not (exclude and re.search(exclude, n))]
         ft_keep = [n for n in ft_src.names() if not (exclude and re.search(exclude, n))]
@@ -70,15 +77,17 @@ class TaskVector:
     def from_lora(cls, adapter, *, adapter_name: str = "default", label: str | None = None) -> TaskVector:
         """The dense delta ΔW = scaling · B A of each LoRA layer, under the base weight's name.
 
-        ``adapter``: a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``)
-        or a ``PeftModel``. Linear LoRA layers only (embedding/conv LoRA, DoRA and
-        ``modules_to_save`` raise); ``use_rslora``, ``rank_pattern``, ``alpha_pattern`` and
-        ``fan_in_fan_out`` are honoured.
+        ``adapter``: a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``;
+        each dense delta is computed when read) or a ``PeftModel``. Linear LoRA layers only
+        (embedding/conv LoRA, DoRA and ``modules_to_save`` raise); ``use_rslora``,
+        ``rank_pattern``, ``alpha_pattern`` and ``fan_in_fan_out`` are honoured.
         """
-        from .lora import lora_deltas
+        from .lora import LoraAdapter, lora_deltas
 
-        deltas = lora_deltas(adapter, adapter_name)
-        return cls.from_tensors(deltas, label=label or str(adapter if not isinstance(adapter, torch.nn.Module) else "LoRA"))
+        if isinstance(adapter, torch.nn.Module):
+            return cls.from_tensors(lora_deltas(adapter, adapter_name), label=label or "LoRA")
+        lora = LoraAdapter(adapter)
+        return cls({n: lora.shape(n) for n in lora.names()}, lora.delta, label=label or str(adapter))
 
     @classmethod
     def from_tensors(cls, tensors: Mapping[str, torch.Tensor], label: str = "task vector") -> TaskVector:
@@ -87,8 +96,11 @@ class TaskVector:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> TaskVector:
-        """A task vector written by ``save`` (lazy: tensors are read when used)."""
+        """A task vector written by ``save``: a folder, or one ``.safetensors`` file (lazy: tensors
+        are read when used)."""
         path = Path(path)
+        if path.is_file():
+            return _load_file(path)
         meta_file = path / META_FILE
         if not meta_file.is_file():
             raise CheckpointError(f"{path}: no {META_FILE}; not a task vector written by TaskVector.save")
@@ -155,17 +167,86 @@ class TaskVector:
 
     # -- output -------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, *, force: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
-        """Write as (sharded) safetensors + ``task_vector.json``, tensor by tensor, atomically."""
+        """Write as (sharded) safetensors + ``task_vector.json``, tensor by tensor, atomically; a
+        path ending in ``.safetensors`` gets one file instead (the format in its metadata)."""
+        path = Path(path)
+        layout = [(n, s, torch.float32) for n, s in self.shapes.items()]
+        if path.suffix == ".safetensors":
+            if path.exists() and not force:
+                raise FileExistsError(f"output file {str(path)!r} exists; pass --force (force=True) to replace it")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}{TMP_MARK}", dir=path.parent))
+            try:
+                self._write(ShardedWriter(tmp, layout, max_shard_bytes=2**62, metadata={"modular": FORMAT, "label": self.label}))
+                os.replace(tmp / "model.safetensors", path)  # the file was opened with the user's umask
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            return path
         with atomic_output_dir(path, force=force) as tmp:
-            writer = ShardedWriter(tmp, [(n, s, torch.float32) for n, s in self.shapes.items()], max_shard_bytes)
-            for name in self.shapes:
-                writer.add(name, self.get(name))
-            writer.close()
+            self._write(ShardedWriter(tmp, layout, max_shard_bytes))
             atomic_write_text(tmp / META_FILE, json.dumps({"format": FORMAT, "version": 1, "label": self.label}, indent=2))
-        return Path(path)
+        return path
+
+    def _write(self, writer: ShardedWriter) -> None:
+        for name in self.shapes:
+            writer.add(name, self.get(name))
+        writer.close()
 
     def __repr__(self) -> str:
         return f"TaskVector({self.label!r}, {len(self.shapes)} tensors)"
+
+
+def open_model(spec: str | os.PathLike):
+    """A ``model:`` entry: ``BASE+LORA`` (the model with the adapter merged in, mergekit's form), a
+    saved task vector or a PEFT adapter folder (deltas over the base model, as :class:`TaskVector`),
+    or a checkpoint folder."""
+    from .lora import LoraAdapter, LoraMerged, is_lora_adapter
+
+    spec = str(spec)
+    parts = spec.split("+")
+    if len(parts) > 2 or not all(parts):
+        raise ValueError(f"model {spec!r}: expected a folder or MODEL+LORA_ADAPTER (one '+')")
+    for part in parts:
+        if not Path(part).exists():
+            raise FileNotFoundError(f"model {spec!r}: {part!r} does not exist (models are local folders; download hub models first)")
+    if len(parts) == 2:
+        return LoraMerged(SafetensorsCheckpoint(parts[0]), LoraAdapter(parts[1]), label=spec)
+    if is_task_vector(spec):
+        return TaskVector.load(spec)
+    if is_lora_adapter(spec):
+        return TaskVector.from_lora(spec, label=spec)
+    return SafetensorsCheckpoint(spec)
+
+
+def is_task_vector(path: str | os.PathLike) -> bool:
+    """A task vector written by :meth:`TaskVector.save` (a folder with ``task_vector.json``, or a
+    ``.safetensors`` file marked as one): merge inputs use it as a delta, never as a model."""
+    path = Path(path)
+    if path.is_dir():
+        return (path / META_FILE).is_file()
+    return path.suffix == ".safetensors" and path.is_file() and _file_metadata(path).get("modular") == FORMAT
+
+
+def _file_metadata(path: Path) -> dict:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as err:  # safetensors raises its own error types for corrupt files
+        raise CheckpointError(f"{path}: cannot be read as safetensors ({err})") from None
+
+
+def _load_file(path: Path) -> TaskVector:
+    meta = _file_metadata(path)
+    if meta.get("modular") != FORMAT:
+        raise CheckpointError(f"{path}: not a task vector written by TaskVector.save (metadata {meta})")
+    with safe_open(str(path), framework="pt") as f:
+        shapes = {n: torch.Size(f.get_slice(n).get_shape()) for n in f.keys()}
+
+    def get(name: str) -> torch.Tensor:
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor(name).float()
+
+    return TaskVector(shapes, get, label=meta.get("label", str(path)))
 
 
 def ties_processed(task_vectors: Sequence[TaskVector], *, density: float | Sequence[float] = 0.2) -> list[TaskVector]:

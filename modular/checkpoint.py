@@ -164,8 +164,9 @@ class ShardedWriter:
     """
 
     def __init__(self, folder: str | os.PathLike, layout: Sequence[tuple[str, Sequence[int], torch.dtype]],
-                 max_shard_bytes: int = 500 * 2**20):
+                 max_shard_bytes: int = 500 * 2**20, metadata: dict[str, str] | None = None):
         self.folder = Path(folder)
+        self.metadata = {"format": "pt", **(metadata or {})}  # each shard's ``__metadata__``
         self.layout = [(name, list(shape), dtype) for name, shape, dtype in layout]
         unsupported = sorted({str(dtype) for _, _, dtype in self.layout if dtype not in _ST_DTYPES})
         if unsupported:
@@ -190,7 +191,7 @@ class ShardedWriter:
         return SINGLE_FILE if n == 1 else f"model-{shard + 1:05d}-of-{n:05d}.safetensors"
 
     def _open_shard(self, shard: int) -> None:
-        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        header, offset = {"__metadata__": self.metadata}, 0
         for i in self.shards[shard]:
             name, shape, dtype = self.layout[i]
             nbytes = math.prod(shape) * dtype.itemsize
@@ -249,9 +250,20 @@ def _umask() -> int:
     return mask
 
 
+def _apply_umask(folder: Path) -> None:
+    """Give everything written into ``folder`` the modes a plain ``open``/``mkdir`` would: some
+    writers create files 0600 whatever the umask (safetensors' ``save_file``, hence
+    ``save_pretrained``'s weights)."""
+    mask = _umask()
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``out``; on success it replaces ``out`` in one rename.
+    """Yield a temporary folder beside ``out``; on success it replaces ``out`` in one rename,
+    its files and folders with the user's umask.
 
     Refuses to replace an existing non-empty ``out`` unless ``force``; on error (or
     ``KeyboardInterrupt``) the temporary folder is removed and ``out`` is left as it was.
@@ -266,6 +278,7 @@ def atomic_output_dir(out: str | os.PathLike, *, force: bool = False) -> Iterato
     tmp = _temporary_sibling(out, folder=True)
     try:
         yield tmp
+        _apply_umask(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

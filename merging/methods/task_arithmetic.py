@@ -6,20 +6,19 @@ from collections.abc import Sequence
 
 import torch
 
-from .common import finish, per_model, stack_weighted, sum_weighted
-from .registry import Parameter, finite, is_bool, register_merge_method
+from .common import generalized_task_arithmetic, per_model
+from .family import INT8_MASK, LAMBDA, normalize, rescale
+from .registry import register_merge_method
 
 __all__ = ["task_arithmetic"]
 
-LAMBDA = Parameter("lambda", 1.0, check=finite, doc="scales the merged delta")
-NORMALIZE_SUM = Parameter("normalize", False, check=is_bool, doc="divide the weighted sum by the sum of the weights")
 
-
-@register_merge_method("task_arithmetic", parameters=[LAMBDA, NORMALIZE_SUM])
+@register_merge_method("task_arithmetic", parameters=[LAMBDA, normalize(False, consensus=False), rescale(False), INT8_MASK])
 def task_arithmetic(
     base: torch.Tensor, deltas: Sequence[torch.Tensor], *, weights: float | Sequence[float] = 1.0,
-    lambda_: float = 1.0, normalize: bool = False,
+    lambda_: float = 1.0, normalize: bool = False, rescale: bool = False, int8_mask: bool = False,
 ) -> torch.Tensor:
-    """θ_0 + λ Σ_k w_k δ_k (divided by Σ_k w_k when ``normalize``, as mergekit's option)."""
-    weighted, w = stack_weighted(deltas, per_model(weights, len(deltas), "weights"))
-    return finish(base, sum_weighted(weighted, w, normalize), lambda_)
+    """θ_0 + λ Σ_k w_k δ_k (divided by Σ_k w_k when ``normalize``, as mergekit's option).
+    ``rescale`` and ``int8_mask`` are accepted as mergekit does; without sparsification they change nothing."""
+    return generalized_task_arithmetic(base, deltas, weights=per_model(weights, len(deltas), "weights"), consensus=False,
+                                       normalize=normalize, lambda_=lambda_)

@@ -6,23 +6,13 @@ from collections.abc import Sequence
 
 import torch
 
-from .common import COMBINES, combine_disjoint, elect_sign, finish, per_model, stack_weighted, trim_magnitude
-from .registry import Parameter, in_range, is_bool, one_of, register_merge_method
-from .task_arithmetic import LAMBDA
+from .common import elect_sign, generalized_task_arithmetic, per_model, stack_weighted, trim_magnitude
+from .family import COMBINE, INT8_MASK, LAMBDA, density, normalize, rescale
+from .registry import register_merge_method
 
-__all__ = ["DENSITY", "ties", "ties_process"]
+__all__ = ["ties", "ties_process"]
 
-DENSITY = Parameter("density", 0.2, per_model=True, check=in_range(0, 1, low_open=True),
-                    doc="fraction of each task vector's entries kept (largest magnitudes, per tensor)")
-NORMALIZE_AGREEING = Parameter("normalize", True, check=is_bool,
-                               doc="divide by the summed weights of the agreeing models (combine 'mergekit'), else sum")
-COMBINE = Parameter("combine", None, check=one_of(None, *COMBINES),
-                    doc="disjoint combine: 'mergekit', 'mean' or 'sum'; when set, it overrides normalize")
-
-
-def combine_of(normalize: bool, combine: str | None) -> str:
-    """The combine rule: ``combine`` when given, else mergekit's reading of ``normalize``."""
-    return combine if combine is not None else ("mergekit" if normalize else "sum")
+DENSITY = density(0.2, "fraction of each task vector's entries kept (largest magnitudes, per tensor)")
 
 
 def ties_process(
@@ -40,11 +30,16 @@ def ties_process(
     return weighted, w, elect_sign(weighted)
 
 
-@register_merge_method("ties", parameters=[DENSITY, LAMBDA, NORMALIZE_AGREEING, COMBINE])
+@register_merge_method("ties", parameters=[DENSITY, LAMBDA, normalize(True, consensus=True), rescale(False), COMBINE, INT8_MASK])
 def ties(
     base: torch.Tensor, deltas: Sequence[torch.Tensor], *, weights: float | Sequence[float] = 1.0,
-    density: float | Sequence[float] = 0.2, lambda_: float = 1.0, normalize: bool = True, combine: str | None = None,
+    density: float | Sequence[float] = 0.2, lambda_: float = 1.0, normalize: bool = True, rescale: bool = False,
+    combine: str | None = None, int8_mask: bool = False,
 ) -> torch.Tensor:
     """TIES-merging: trim to top-``density`` per tensor, elect sign, disjoint combine, × λ."""
-    weighted, w, mask = ties_process(deltas, weights=weights, density=density)
-    return finish(base, combine_disjoint(weighted, w, mask, combine_of(normalize, combine)), lambda_)
+    k = len(deltas)
+    densities = per_model(density, k, "density")
+    return generalized_task_arithmetic(
+        base, deltas, weights=per_model(weights, k, "weights"), sparsify=lambda i, d: trim_magnitude(d, densities[i], rescale),
+        consensus=True, normalize=normalize, lambda_=lambda_, combine=combine, concurrent=True,
+    )

@@ -37,11 +37,18 @@ def _add_builtin(subparsers) -> None:
     p.add_argument("recipe", help="the recipe file (see docs/recipes.md)")
     p.set_defaults(func=_runs("modular.app.train:run"))
 
-    p = subparsers.add_parser("merge", help="merge fine-tuned models (task arithmetic, TIES, DARE, AdaMerging) from a YAML config")
+    p = subparsers.add_parser("merge", help="merge models from a mergekit YAML config (TIES, DARE, linear, SLERP, ..., AdaMerging)")
     p.add_argument("config", help="YAML config, mergekit's schema (see docs/merging.md)")
-    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("out_path", nargs="?", metavar="OUT", help="output folder, written atomically (as mergekit-yaml's OUT_PATH)")
+    p.add_argument("--out", help="output folder (instead of OUT)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--random-seed", type=int, default=0, help="seed of DARE/DELLA masks; mergekit's option (same seed, same masks)")
+    p.add_argument("--compute-dtype", choices=["float32", "bfloat16", "float16", "float64", "mergekit"],
+                   help="dtype the merge computes in (default: the config's compute_dtype, float32); "
+                        "mergekit = the config's dtype, as mergekit computes")
+    p.add_argument("--out-shard-size", help="largest output shard, e.g. 500MB or 5GB (default: the config's, 500MB)")
+    p.add_argument("--lora-merge-cache", metavar="DIR", help="accepted for mergekit commands; not needed (adapters are merged in memory)")
     p.set_defaults(func=_runs("modular.app.merge:run_merge_command"))
 
     p = subparsers.add_parser("task-vector", help="extract a task vector (fine-tuned − base, or a LoRA adapter) or apply one")
@@ -51,7 +58,7 @@ def _add_builtin(subparsers) -> None:
     source.add_argument("--finetuned", help="fine-tuned model folder (needs --base)")
     source.add_argument("--lora", help="PEFT LoRA adapter folder")
     ex.add_argument("--base", help="base model folder")
-    ex.add_argument("--out", required=True)
+    ex.add_argument("--out", required=True, help="a folder, or one FILE.safetensors")
     ex.add_argument("--force", action="store_true")
     ex.set_defaults(func=_runs("modular.app.merge:extract_task_vector"))
     ap = actions.add_parser("apply", help="write base + scale · τ as a model folder")

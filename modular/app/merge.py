@@ -1,4 +1,4 @@
-"""``modular merge CONFIG.yaml --out DIR`` and ``modular task-vector extract|apply``."""
+"""``modular merge CONFIG.yaml OUT`` and ``modular task-vector extract|apply``."""
 
 from __future__ import annotations
 
@@ -11,8 +11,12 @@ __all__ = ["apply_task_vector", "extract_task_vector", "run_merge_command"]
 def run_merge_command(args: argparse.Namespace) -> int:
     from merging import load_merge_config, run_merge
 
+    out = args.out or args.out_path
+    if out is None or (args.out and args.out_path and args.out != args.out_path):
+        raise ValueError("give the output folder once: modular merge CONFIG OUT (or --out OUT)")
     config = load_merge_config(args.config)
-    out = run_merge(config, args.out, force=args.force, progress=not args.no_progress, config_text=Path(args.config).read_text())
+    out = run_merge(config, out, force=args.force, progress=not args.no_progress, config_text=Path(args.config).read_text(),
+                    random_seed=args.random_seed, compute_dtype=args.compute_dtype, out_shard_size=args.out_shard_size)
     print(f"merged model written to {out}")
     return 0
 

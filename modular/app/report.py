@@ -5,6 +5,7 @@ Each PATH is searched (recursively) for what the other commands write:
 * ``metrics.json`` of a ``modular train`` run: loss curves, AdaMoE routing per layer, and the
   LISA schedule (``lisa_schedule`` inside it);
 * ``adamerging_coefficients.json`` of an AdaMerging merge: λ per layer × task, entropy curve;
+* ``merge.json`` of any merge folder (``modular merge``, ``merging.merge``): method, inputs, parameters;
 * ``evaluation.json`` (written by ``modular demo``): accuracy of each model on each task and
   its mean true experts per token.
 
@@ -31,10 +32,11 @@ __all__ = ["ReportInputs", "collect", "draw_losses", "write_report"]
 class ReportInputs:
     runs: dict[str, dict] = field(default_factory=dict)  # run name -> metrics.json
     merges: dict[str, dict] = field(default_factory=dict)  # merge name -> adamerging_coefficients.json
+    merge_records: dict[str, dict] = field(default_factory=dict)  # merge folder -> merge.json
     evaluations: list[dict] = field(default_factory=list)
 
     def empty(self) -> bool:
-        return not (self.runs or self.merges or self.evaluations)
+        return not (self.runs or self.merges or self.merge_records or self.evaluations)
 
 
 def _name(file: Path, root: Path) -> str:
@@ -52,9 +54,10 @@ def collect(paths: list[str | Path]) -> ReportInputs:
             raise FileNotFoundError(f"{root}: no such file or folder")
         root = root.resolve()
         files = [root] if root.is_file() else sorted(root.rglob("*.json"))
-        before = (len(found.runs), len(found.merges), len(found.evaluations))
+        before = (len(found.runs), len(found.merges), len(found.merge_records), len(found.evaluations))
         for file in files:
-            kind = {"metrics.json": "run", "adamerging_coefficients.json": "merge", "evaluation.json": "evaluation"}.get(file.name)
+            kind = {"metrics.json": "run", "adamerging_coefficients.json": "merge", "merge.json": "record",
+                    "evaluation.json": "evaluation"}.get(file.name)
             if kind is None or "checkpoint-" in str(file):
                 continue
             try:
@@ -65,10 +68,13 @@ def collect(paths: list[str | Path]) -> ReportInputs:
                 found.runs[_name(file, root)] = doc
             elif kind == "merge":
                 found.merges[_name(file, root)] = doc
+            elif kind == "record":
+                found.merge_records[_name(file, root)] = doc
             else:
                 found.evaluations.append(doc)
-        if (len(found.runs), len(found.merges), len(found.evaluations)) == before:
-            raise ValueError(f"{root}: no metrics.json (training run), adamerging_coefficients.json (merge) or evaluation.json found")
+        if (len(found.runs), len(found.merges), len(found.merge_records), len(found.evaluations)) == before:
+            raise ValueError(f"{root}: no metrics.json (training run), merge.json or adamerging_coefficients.json (merge) "
+                             "or evaluation.json found")
     return found
 
 
@@ -202,6 +208,20 @@ def _evaluation_section(evaluation: dict) -> list[str]:
             _img(plot_accuracy(evaluation), "accuracy per task")]
 
 
+def _merge_section(name: str, record: dict) -> list[str]:
+    """What a merge folder's ``merge.json`` says: method, base, parameters, each model's own."""
+    params, defaults = record.get("parameters", {}), record.get("defaults", {})
+    rows = [("method", record["method"]), ("base model", record.get("base_model") or "—"),
+            *((k, json.dumps(v)) for k, v in params.items()),
+            *((f"{k} (default)", json.dumps(v)) for k, v in defaults.items() if k not in params),
+            ("computed in", record.get("compute_dtype")), ("written as", record.get("dtype") or "the base's dtype")]
+    models = "".join(f"<tr><td>{html.escape(m['model'])}</td><td>{html.escape(json.dumps(m['parameters']))}</td></tr>"
+                     for m in record["models"])
+    return [f"<h2>Merge: {html.escape(name)}</h2>",
+            "<table>" + "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in rows) + "</table>",
+            f"<table><tr><th>model</th><th>its parameters</th></tr>{models}</table>"]
+
+
 def render(found: ReportInputs, title: str = "modular-llm report") -> str:
     top_k = next((e.get("base_top_k") for e in found.evaluations if e.get("base_top_k")), None)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>",
@@ -216,6 +236,8 @@ def render(found: ReportInputs, title: str = "modular-llm report") -> str:
         parts += ["<h2>AdaMoE routing per layer</h2>", f"<ul>{means}</ul>", _img(plot_routing(found.runs, top_k), "routing per layer")]
     if any(m.get("lisa_schedule") for m in found.runs.values()):
         parts += ["<h2>LISA schedule (active layers per period)</h2>", _img(plot_lisa(found.runs), "LISA schedule")]
+    for name, record in found.merge_records.items():
+        parts += _merge_section(name, record)
     for name, doc in found.merges.items():
         parts += [f"<h2>AdaMerging coefficients: {html.escape(name)}</h2>", _img(plot_coefficients(doc), "AdaMerging coefficients")]
     parts.append("</body></html>")

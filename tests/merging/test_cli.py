@@ -37,7 +37,7 @@ def test_merge_cli_round_trip(llama_folders, tmp_path, input_ids):
     out = tmp_path / "out"
     assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("model-*.safetensors"))) > 1
     card = (out / "README.md").read_text()
-    assert "method: `ties`" in card and "normalize: true" in card
+    assert "method: `ties`" in card and "normalize: `true`" in card
     merged = load_model(out)
     tvs = [TaskVector.from_models(base, f) for f in fts]
     expected = merge("ties", base, tvs, weights=[1.0, 0.5, 0.8], density=0.5, lambda_=0.9, combine="mergekit", progress=False)
@@ -63,9 +63,11 @@ def test_merge_refuses_to_overwrite_without_force(llama_folders, tmp_path):
 @pytest.mark.parametrize(
     "patch,message",
     [
-        ({"merge_method": "slerp"}, "merge_method: 'slerp' is not allowed"),
-        ({"parameters": {"lambda": 1.0, "gamma": 2}}, "parameters: unknown key(s) gamma for merge method 'ties'; allowed: weight, density, lambda"),
-        ({"models": [{"model": "x", "parameters": {"epsilon": 1}}]}, "models[0].parameters: unknown per-model key(s) epsilon for merge method 'ties'; allowed: weight, density"),
+        ({"merge_method": "frankenmerge"}, "merge_method: 'frankenmerge' is not allowed"),
+        ({"parameters": {"lambda": 1.0, "gama": 2}}, "parameters: unknown key(s) gama for merge method 'ties'; allowed: weight, density, lambda"),
+        ({"models": [{"model": "x", "parameters": {"densty": 1}}]}, "models[0].parameters: unknown key(s) densty for merge method 'ties'; allowed: weight, density"),
+        ({"parameters": {"density": [0.5, 1.5]}}, "parameters.density: 1.5 is not allowed for 'density'; expected a number in (0, 1]"),
+        ({"slices": [{"sources": []}, {"sources": []}], "models": None}, "slices: 2 slices make a frankenmerge"),
         ({"dtype": "int8"}, "merge.yaml.dtype"),
         ({"merge_method": "adamerging", "parameters": {}}, "adamerging needs unlabelled data"),
     ],

@@ -62,29 +62,34 @@ def test_merging_one_model_returns_it(method):
     assert torch.allclose(method(base, [delta], **params), base + delta, atol=1e-6)
 
 
-def test_dare_keeps_density_fraction_and_is_unbiased():
+def test_dare_keeps_density_fraction_and_rescales_to_the_l1_norm():
     delta = torch.randn(200, 50)
     kept, mean = [], torch.zeros_like(delta)
     for seed in range(200):
         dropped = drop_and_rescale(delta, 0.3, torch.Generator().manual_seed(seed))
         survivors = dropped != 0
         kept.append(survivors.float().mean().item())
-        assert torch.allclose(dropped[survivors], delta[survivors] / 0.3)  # rescale by 1/(1-p)
+        scale = delta.abs().sum() / delta[survivors].abs().sum()  # mergekit's rescale: the undropped L1 norm
+        assert torch.allclose(dropped[survivors], delta[survivors] * scale)
+        assert torch.allclose(dropped.abs().sum(), delta.abs().sum())
         mean += dropped / 200
     assert abs(sum(kept) / len(kept) - 0.3) < 0.005
-    # E[dropped] = delta: the seed-average error shrinks like 1/sqrt(seeds) (std per entry ≈ |δ|·1.53/√200 ≈ 0.11|δ|)
+    # E[dropped] ≈ delta: the seed-average error shrinks like 1/sqrt(seeds) (std per entry ≈ |δ|·1.53/√200 ≈ 0.11|δ|)
     assert (mean - delta).abs().mean() < 0.15 * delta.abs().mean()
+    plain = drop_and_rescale(delta, 0.3, torch.Generator().manual_seed(0), rescale=False)
+    assert torch.equal(plain[plain != 0], delta[plain != 0])
 
 
-def test_dare_is_seeded():
+def test_dare_draws_from_the_generator_it_is_given():
     args = (BASE, [D1, D2])
-    assert torch.equal(dare_ties(*args, density=0.5, seed=3), dare_ties(*args, density=0.5, seed=3))
-    assert torch.equal(dare_linear(*args, density=0.5, seed=3), dare_linear(*args, density=0.5, seed=3))
-    assert not torch.equal(dare_linear(*args, density=0.5, seed=3), dare_linear(*args, density=0.5, seed=4))
+    draw = lambda fn, seed: fn(*args, density=0.5, generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    assert torch.equal(draw(dare_ties, 3), draw(dare_ties, 3))
+    assert torch.equal(draw(dare_linear, 3), draw(dare_linear, 3))
+    assert not torch.equal(draw(dare_linear, 3), draw(dare_linear, 4))
 
 
 def test_dare_ties_elects_sign_after_dropping():
     # density 1 -> no drop: sign election on [-2, -1, 4 | 0.7, 0.2, -0.2] then sum of agreeing entries
-    merged = dare_ties(BASE, [D1, D2], density=1.0)
+    merged = dare_ties(BASE, [D1, D2], density=1.0, normalize=False)
     expected = torch.tensor([[-3.0, -2.0, 4.0], [0.7, 0.3, -0.4]])  # col 2: 0.2 - 0.4 < 0 -> D2 wins
     assert torch.allclose(merged, expected)
