@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from modular.checkpoint import check_output_dir
+
 from .methods import MergeMethod, get_merge_method
 from .output import model_card, write_model_folder
 from .sources import DEFAULT_SHARD_BYTES, DTYPES, as_source, check_compatible
@@ -77,6 +79,8 @@ def merge(
     if not task_vectors:
         raise ValueError("merge: give at least one task vector")
     source = as_source(base)
+    if out is not None:
+        _check_inputs_and_output(out, force, source, task_vectors, tokenizer_source)
     for tv in task_vectors:
         check_compatible(source, tv, what=f"task vector {tv.label!r}", require_same_names=False)
     yaml_params = _yaml_params(spec, params)
@@ -93,6 +97,8 @@ def merge(
     def merged_tensors():
         for name in tqdm(source.names(), desc=f"merge ({method})", disable=not progress, unit="tensor"):
             tensor = source.get(name)
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise ValueError(f"base model {source!r}: tensor {name!r} contains NaN or inf")
             if not any(name in tv for tv in task_vectors):
                 yield name, tensor.to(out_dtype_of(name))
                 continue
@@ -113,6 +119,14 @@ def merge(
         dtype=dtype, tokenizer_source=tokenizer, card=text, max_shard_bytes=max_shard_bytes, force=force,
         write_extra=write_extra,
     )
+
+
+def _check_inputs_and_output(out, force: bool, source, task_vectors: Sequence, tokenizer_source) -> None:
+    """Before any work: the tokenizer source exists, and ``out`` is none of the folders read."""
+    if tokenizer_source is not None and not Path(tokenizer_source).is_dir():
+        raise FileNotFoundError(f"tokenizer_source {str(tokenizer_source)!r} is not a folder")
+    folders = [getattr(source, "path", None), tokenizer_source, *(f for tv in task_vectors for f in getattr(tv, "folders", ()))]
+    check_output_dir(out, force=force, inputs=folders)
 
 
 class _LazyDeltas(Sequence):

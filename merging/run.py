@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from modular.checkpoint import SafetensorsCheckpoint
+from modular.checkpoint import SafetensorsCheckpoint, check_output_dir
 
 from .adamerging_yaml import run_adamerging
 from .config import ADAMERGING, MergeConfig
@@ -21,6 +21,10 @@ def run_merge(config: MergeConfig, out: str | os.PathLike, *, force: bool = Fals
               config_text: str | None = None) -> Path:
     """Run ``config`` into the folder ``out``; returns it."""
     tokenizer = None if config.tokenizer_source == "base" else config.tokenizer_source
+    if tokenizer is not None and not Path(tokenizer).is_dir():  # found before any work, not after the merge
+        raise FileNotFoundError(f"tokenizer_source: {tokenizer!r} is not a folder (give `base` or a tokenizer folder)")
+    check_output_dir(out, force=force, inputs=[config.base_model, *(m.model for m in config.models),
+                                               *(m.data for m in config.models), tokenizer])
     common = dict(
         out=out, force=force, dtype=config.dtype, tokenizer_source=tokenizer, max_shard_bytes=parse_size(config.out_shard_size),
         card={"Configuration": f"```yaml\n{config_text.strip()}\n```"} if config_text else None, progress=progress,

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from modular.config_io import ConfigError
+
 from .recipe import Recipe, describe, load_recipe
 
 __all__ = ["run", "run_recipe"]
@@ -28,6 +30,15 @@ __all__ = ["run", "run_recipe"]
 
 def _is_distributed_launch() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _single_process_world() -> None:
+    """Started without a launcher, a run with a DeepSpeed config is a world of one process, set
+    up as ``deepspeed --num_gpus 1`` would (accelerate and DeepSpeed then find a process group)."""
+    from finetune.launch import free_port
+
+    if "LOCAL_RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
 
 
 def _build_model(recipe: Recipe) -> torch.nn.Module:
@@ -39,6 +50,22 @@ def _build_model(recipe: Recipe) -> torch.nn.Module:
         return load_model(recipe.model.path, dtype=torch.float32)
     config = dict(recipe.model.config)
     return AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
+
+
+def _tokenizer(recipe: Recipe):
+    """The recipe's tokenizer; one whose ids do not fit the model's embedding table is refused."""
+    from transformers import AutoTokenizer
+
+    from .recipe import model_config
+
+    tokenizer = AutoTokenizer.from_pretrained(recipe.model.tokenizer or recipe.model.path)
+    vocab_size = getattr(model_config(recipe), "vocab_size", None)
+    if vocab_size is not None and len(tokenizer) > vocab_size:
+        raise ValueError(f"{recipe.source}: model.tokenizer has {len(tokenizer)} tokens, more than the model's "
+                         f"vocab_size {vocab_size}; use a tokenizer of at most {vocab_size} tokens or a model with a larger vocabulary")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def _datasets(recipe: Recipe, tokenizer) -> dict:
@@ -94,7 +121,9 @@ def _inject(model: torch.nn.Module, recipe: Recipe, calibration: list[dict]) -> 
     for item in recipe.injections:
         kind = get_injection(item["kind"])
         model = kind.apply(model, kind.config(item["params"]), calibration if kind.needs_calibration else None)
-    return model
+    # A recipe fine-tunes the injected model: every parameter goes to the optimizer (LISA then picks
+    # the layers that train). Some kinds leave their modules frozen (acmize: conversion is done).
+    return model.requires_grad_(True)
 
 
 def _optimizer_args(recipe: Recipe, max_steps: int) -> dict:
@@ -114,7 +143,7 @@ class GracefulStop(TrainerCallback):
 
     def __init__(self) -> None:
         self.requested = False
-        signal.signal(signal.SIGTERM, self._on_signal)
+        self._previous = signal.signal(signal.SIGTERM, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
         print("modular train: SIGTERM received, saving a checkpoint and stopping", file=sys.stderr, flush=True)
@@ -125,6 +154,9 @@ class GracefulStop(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
         return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        signal.signal(signal.SIGTERM, self._previous)
 
 
 def _collator(recipe: Recipe, tokenizer):
@@ -157,23 +189,27 @@ def _training_arguments(recipe: Recipe):
         settings.update(deepspeed=recipe.deepspeed, accelerator_config={"use_configured_state": True})
     elif not torch.cuda.is_available():
         settings.update(use_cpu=True, ddp_backend="gloo" if _is_distributed_launch() else None)
-    return TrainingArguments(**settings)
+    try:
+        return TrainingArguments(**settings)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{recipe.source}: training: {err}") from None
 
 
 def run_recipe(recipe: Recipe) -> Path:
     """Run one recipe to the end (or resume it); returns the final model folder."""
-    from transformers import AutoTokenizer, Trainer
     from transformers.trainer_utils import get_last_checkpoint
+
+    from .trainer import ModularTrainer, remove_incomplete_checkpoint
 
     if recipe.deepspeed is not None and not torch.cuda.is_available():
         from finetune.launch import cpu_deepspeed_state
 
+        _single_process_world()
         cpu_deepspeed_state()  # accelerate would otherwise see one process per rank on CPU
     print(f"modular train: {describe(recipe)}", flush=True)
+    args = _training_arguments(recipe)  # bad `training:` values fail here, before any work
     torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(recipe.model.tokenizer or recipe.model.path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = _tokenizer(recipe)
     data = _datasets(recipe, tokenizer)
     for split, rows in data.items():
         if len(rows) == 0:
@@ -183,7 +219,6 @@ def run_recipe(recipe: Recipe) -> Path:
     calibration = [{"input_ids": torch.tensor(row["input_ids"])[None]} for row in data["train"].select(range(min(16, len(data["train"]))))]
     model = _inject(model, recipe, calibration)
 
-    args = _training_arguments(recipe)
     callbacks = [GracefulStop()]
     if recipe.lisa is not None:
         from finetune.lisa import LisaCallback
@@ -193,7 +228,7 @@ def run_recipe(recipe: Recipe) -> Path:
         from finetune.aux_loss import MoEAuxLossCallback
 
         callbacks.append(MoEAuxLossCallback())
-    trainer = Trainer(
+    trainer = ModularTrainer(
         model=model,
         args=args,
         train_dataset=data["train"],
@@ -207,13 +242,15 @@ def run_recipe(recipe: Recipe) -> Path:
 
         trainer.add_callback(SkipHostAllReduceCallback(trainer))
 
+    if int(os.environ.get("RANK", "0")) == 0:
+        remove_incomplete_checkpoint(recipe.output_dir)
     last = get_last_checkpoint(recipe.output_dir) if Path(recipe.output_dir).is_dir() else None
     if last:
         print(f"modular train: resuming from {last}", flush=True)
     trainer.train(resume_from_checkpoint=last)
     if any(cb.requested for cb in callbacks if isinstance(cb, GracefulStop)):
         print("modular train: stopped on request; re-run the same command to resume", flush=True)
-        return Path(last or recipe.output_dir)
+        return Path(get_last_checkpoint(recipe.output_dir) or recipe.output_dir)
     metrics = {"eval_loss": trainer.evaluate()["eval_loss"]} if data.get("eval") is not None else {}
     final = Path(recipe.output_dir) / "model"
     if trainer.is_world_process_zero():

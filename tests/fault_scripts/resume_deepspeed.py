@@ -1,0 +1,27 @@
+"""Resume under the ``deepspeed`` launcher (2 gloo ranks), run by tests/test_faults.py.
+
+``deepspeed --num_gpus 2 resume_deepspeed.py ROOT NAME...``: for each NAME, the recipe
+``ROOT/ref-NAME/recipe.yaml`` runs uninterrupted; its ``checkpoint-3`` is then copied into
+``ROOT/resumed-NAME/run`` (as a run killed after step 3 leaves it) and the same recipe there
+resumes from it. The test compares the two final models.
+"""
+
+import shutil
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+from finetune.launch import close_process_group
+from modular.app.recipe import load_recipe
+from modular.app.train import run_recipe
+
+root = Path(sys.argv[1])
+for name in sys.argv[2:]:
+    run_recipe(load_recipe(root / f"ref-{name}" / "recipe.yaml"))
+    if dist.get_rank() == 0:
+        shutil.copytree(root / f"ref-{name}" / "run" / "checkpoint-3", root / f"resumed-{name}" / "run" / "checkpoint-3")
+    dist.barrier()
+    run_recipe(load_recipe(root / f"resumed-{name}" / "recipe.yaml"))
+    dist.barrier()
+close_process_group()
