@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -68,7 +69,11 @@ def _child(point: str | None, marker: Path, args: list[str], log: Path) -> None:
         sys.stdout = sys.stderr = out
         if point is not None:
             _install(point, marker)
-        code = main(args)
+        try:
+            code = main(args)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
         out.flush()
     os._exit(code)
 
