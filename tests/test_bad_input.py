@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,6 @@ from modular.surgery import INJECTIONS_KEY, base_model_type, injection_records
 from modular.testing import tiny_model
 from moe import AdaMoEConfig, adamoe_aux_loss, inject_adamoe
 from tests.app.test_train_recipe import TEXT, TINY_RUN_RECIPE
-from tests.fault_points import start
 from tests.gain_injection import inject_gain
 
 
@@ -206,6 +206,13 @@ def test_bad_recipes_are_refused_before_any_work(recipe_dir, sections, match):
     assert not (recipe_dir / "run").exists()
 
 
+def test_training_values_transformers_rejects_fail_before_any_work(recipe_dir):
+    recipe = load_recipe(_recipe(recipe_dir, training={"max_steps": 6, "lr_scheduler_type": "sometimes"}))
+    with pytest.raises(ConfigError, match="training: sometimes is not a valid SchedulerType"):
+        run_recipe(recipe)
+    assert not (recipe_dir / "run").exists()
+
+
 def test_recipe_output_in_the_input_model_is_refused(recipe_dir):
     tiny_model("llama").save_pretrained(recipe_dir / "base")
     model = {"path": "base", "tokenizer": "tok"}
@@ -235,10 +242,9 @@ def test_documented_onebit_deepspeed_recipe_runs_in_one_process(tmp_path):
     recipe["optimizer"]["freeze_step"] = 1
     recipe["output_dir"] = "run"
     (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    log = tmp_path / "train.log"
-    process = start(None, tmp_path / "marker", ["train", str(folder / "recipe.yaml")], log)  # own process: a world of one
-    process.join(600)
-    assert process.exitcode == 0, log.read_text()[-3000:]
+    proc = subprocess.run([sys.executable, "-m", "modular.app.cli", "train", str(folder / "recipe.yaml")],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert [r["kind"] for r in injection_records(load_model(folder / "run" / "model"))] == ["adamoe"]
 
 
@@ -322,8 +328,11 @@ def test_merge_parameters_out_of_range_are_refused(parameters, message, models, 
 
 def test_nan_in_the_base_model_is_blamed_on_the_base(models, tmp_path, capsys):
     _edit_tensors(models / "base", lambda t: t["model.norm.weight"].__setitem__(0, float("nan")))
+    tv = TaskVector.from_models(models / "base", models / "ft1")
     with pytest.raises(ValueError, match=r"base model .*base: tensor 'model.norm.weight' contains NaN or inf"):
-        TaskVector.from_models(models / "base", models / "ft1").get("model.norm.weight")
+        tv.get("model.norm.weight")
+    with pytest.raises(ValueError, match="scale nan is not allowed; expected a finite number"):
+        tv * float("nan")
     assert main(["merge", str(_merge_config(tmp_path, models)), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
     assert "base model" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
