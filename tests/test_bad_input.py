@@ -1,7 +1,6 @@
 """Bad input and the documented paths of issue 17: one clear error before any work, and nothing
 read or written silently wrong. Each test is a row of docs/faults.md."""
 
-import hashlib
 import json
 import os
 import signal
@@ -29,8 +28,9 @@ from modular.loading import load_checkpoint_into
 from modular.surgery import INJECTIONS_KEY, base_model_type, injection_records
 from modular.testing import tiny_model
 from moe import AdaMoEConfig, adamoe_aux_loss, inject_adamoe
-from tests.app.test_train_recipe import TEXT, TINY_RUN_RECIPE
+from tests.app.test_train_recipe import TINY_RUN_RECIPE
 from tests.gain_injection import inject_gain
+from tests.tiny_inputs import TEXT, digest, write_merge_models, write_recipe_data
 
 
 def _logits(model, ids):
@@ -58,10 +58,6 @@ def _edit_tensors(folder: Path, edit) -> None:
     tensors = load_file(folder / "model.safetensors")
     edit(tensors)
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-
-
-def _digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 # --------------------------------------------------------------------------- loading
@@ -173,13 +169,7 @@ def test_aux_loss_reaches_a_compute_loss_func_or_is_an_error(input_ids, tmp_path
 
 @pytest.fixture
 def recipe_dir(tmp_path):
-    from modular.app.corpora import train_tokenizer
-
-    lines = [{"text": f"{TEXT} Sentence number {i}."} for i in range(40)]
-    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in lines[:32]))
-    (tmp_path / "eval.jsonl").write_text("\n".join(json.dumps(r) for r in lines[32:]))
-    train_tokenizer([TEXT]).save_pretrained(tmp_path / "tok")
-    return tmp_path
+    return write_recipe_data(tmp_path)
 
 
 def _recipe(folder: Path, **sections) -> Path:
@@ -253,16 +243,7 @@ def test_documented_onebit_deepspeed_recipe_runs_in_one_process(tmp_path):
 
 @pytest.fixture
 def models(tmp_path):
-    """A tiny llama base and two fine-tuned stand-ins, in ``tmp_path/models``."""
-    root = tmp_path / "models"
-    tiny_model("llama").save_pretrained(root / "base")
-    for seed in (1, 2):
-        model = tiny_model("llama")
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)) * 0.05)
-        model.save_pretrained(root / f"ft{seed}")
-    return root
+    return write_merge_models(tmp_path / "models")
 
 
 def _merge_config(tmp_path, root, **changes) -> Path:
@@ -284,12 +265,12 @@ def _merge_config(tmp_path, root, **changes) -> Path:
     ],
 )
 def test_merge_out_over_an_input_is_refused_before_any_work(out, message, models, tmp_path, monkeypatch, capsys):
-    before = _digest(models)
+    before = digest(models)
     monkeypatch.chdir(tmp_path)
     config = _merge_config(tmp_path, models)
     assert main(["merge", str(config), "--out", out, "--force", "--no-progress"]) == 2
     assert message.format(out=out, models=models) in capsys.readouterr().err
-    assert _digest(models) == before
+    assert digest(models) == before
 
 
 def test_task_vector_out_inside_its_input_is_refused(models, capsys):

@@ -7,8 +7,6 @@ docs/faults.md lists every fault tried and what happens.
 """
 
 import contextlib
-import hashlib
-import json
 import os
 import shutil
 import signal
@@ -23,22 +21,17 @@ import yaml
 
 from finetune.launch import free_port
 from modular.app.cli import main
-from modular.app.corpora import train_tokenizer
 from modular.checkpoint import SafetensorsCheckpoint
-from modular.testing import tiny_model
-from tests.app.test_train_recipe import TEXT, TINY_RUN_RECIPE
+from tests.app.test_train_recipe import TINY_RUN_RECIPE
 from tests.fault_points import start
+from tests.tiny_inputs import digest, write_merge_models, write_recipe_data
 
 RESUME_DEEPSPEED = Path(__file__).parent / "fault_scripts" / "resume_deepspeed.py"
 
 
 @pytest.fixture
 def data_dir(tmp_path):
-    lines = [{"text": f"{TEXT} Sentence number {i}."} for i in range(40)]
-    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in lines[:32]))
-    (tmp_path / "eval.jsonl").write_text("\n".join(json.dumps(r) for r in lines[32:]))
-    train_tokenizer([TEXT]).save_pretrained(tmp_path / "tok")
-    return tmp_path
+    return write_recipe_data(tmp_path)
 
 
 def _recipe(folder: Path, **sections) -> Path:
@@ -83,10 +76,6 @@ def _run(args: list[str], log: Path, timeout=300) -> subprocess.CompletedProcess
     return subprocess.CompletedProcess(args, process.exitcode, log.read_text())
 
 
-def _digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 # --------------------------------------------------------------------------- training
 
 
@@ -94,11 +83,12 @@ TRAINING = {"max_steps": 6, "per_device_train_batch_size": 4, "logging_steps": 1
 
 
 def test_train_killed_mid_step_mid_checkpoint_and_mid_final_save_ends_bit_identical(data_dir):
-    """upcycle + AdaMoE + LISA: SIGKILL in step 4, while saving checkpoint-4, while saving the final
-    model; each re-run resumes, and the last one's model equals an uninterrupted run's bit for bit."""
-    reference = _recipe(data_dir / "reference", training=TRAINING)
+    """upcycle + AdaMoE + LISA + AdamW: SIGKILL in step 4, while saving checkpoint-4, while saving the
+    final model; each re-run resumes, and the last one's model equals an uninterrupted run's bit for bit."""
+    lisa = {"num_active_layers": 1, "interval_steps": 3}  # checkpoint-2 lies inside LISA's first period
+    reference = _recipe(data_dir / "reference", training=TRAINING, lisa=lisa)
     assert _run(["train", str(reference)], data_dir / "reference.log").returncode == 0
-    recipe = _recipe(data_dir / "killed", training=TRAINING)
+    recipe = _recipe(data_dir / "killed", training=TRAINING, lisa=lisa)
     run, marker = recipe.parent / "run", data_dir / "reached"
 
     killed = _run_until("step:3", marker, ["train", str(recipe)])
@@ -123,9 +113,11 @@ def test_train_killed_mid_step_mid_checkpoint_and_mid_final_save_ends_bit_identi
 
 
 def test_resume_of_an_acm_model_is_exact(data_dir):
-    """The ACM injection (learners and gates, rebuilt on load) resumes bit for bit, with LISA."""
+    """The ACM injection (learners and gates, rebuilt on load) resumes bit for bit, with LISA and
+    1-bit Adam in one process (its compressed stage from step 2 on)."""
     acm = {"injections": [{"acm": {"num_learners": 4, "distill_steps": 2, "gate_steps": 2, "gate_hidden_size": 8}}],
-           "lisa": {"num_active_layers": 2, "interval_steps": 2}, "training": {**TRAINING, "max_steps": 4}}
+           "lisa": {"num_active_layers": 2, "interval_steps": 3}, "training": {**TRAINING, "max_steps": 4},
+           "optimizer": {"name": "onebit_adam", "lr": 1e-3, "freeze_step": 1}}
     reference = _recipe(data_dir / "reference", **acm)
     assert _run(["train", str(reference)], data_dir / "reference.log").returncode == 0
     run = reference.parent / "run"
@@ -166,17 +158,8 @@ def test_resume_under_deepspeed_two_ranks_is_exact(data_dir):
 
 @pytest.fixture
 def llama_folders(tmp_path):
-    """A tiny llama base and two stand-in fine-tuned models (base + seeded noise)."""
-    tiny_model("llama").save_pretrained(tmp_path / "models" / "base")
-    fts = []
-    for seed in (1, 2):
-        model = tiny_model("llama")
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)) * 0.05)
-        model.save_pretrained(tmp_path / "models" / f"ft{seed}")
-        fts.append(tmp_path / "models" / f"ft{seed}")
-    return tmp_path / "models" / "base", fts
+    root = write_merge_models(tmp_path / "models")
+    return root / "base", [root / "ft1", root / "ft2"]
 
 
 @pytest.fixture
@@ -193,7 +176,7 @@ def merge_config(tmp_path, llama_folders):
 @pytest.mark.parametrize("kill", [signal.SIGKILL, signal.SIGTERM])
 def test_merge_killed_while_writing_shards(kill, merge_config, llama_folders, tmp_path):
     base, fts = llama_folders
-    inputs = {p: _digest(p) for p in (base, *fts)}
+    inputs = {p: digest(p) for p in (base, *fts)}
     out, marker = tmp_path / "merged", tmp_path / "reached"
     killed = _run_until("shard:5", marker, ["merge", str(merge_config), "--out", str(out), "--no-progress"], kill=kill)
     if kill == signal.SIGTERM:  # cleans up like Ctrl-C: nothing left, exit 128 + 15
@@ -210,5 +193,5 @@ def test_merge_killed_while_writing_shards(kill, merge_config, llama_folders, tm
     reference = tmp_path / "reference"
     assert main(["merge", str(merge_config), "--out", str(reference), "--no-progress"]) == 0
     assert_same_weights(out, reference)
-    assert {p: _digest(p) for p in inputs} == inputs
+    assert {p: digest(p) for p in inputs} == inputs
 
