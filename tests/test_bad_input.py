@@ -267,6 +267,8 @@ def _merge_config(tmp_path, root, **changes) -> Path:
 def test_merge_out_over_an_input_is_refused_before_any_work(out, message, models, tmp_path, monkeypatch, capsys):
     before = digest(models)
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("merging.run.merge", _no_work)  # refused before the merge (or AdaMerging) starts
+    monkeypatch.setattr("merging.run.run_adamerging", _no_work)
     config = _merge_config(tmp_path, models)
     assert main(["merge", str(config), "--out", out, "--force", "--no-progress"]) == 2
     assert message.format(out=out, models=models) in capsys.readouterr().err
@@ -279,11 +281,12 @@ def test_task_vector_out_inside_its_input_is_refused(models, capsys):
     assert "lies inside the input" in capsys.readouterr().err and not (models / "ft1" / "tv").exists()
 
 
-def test_bad_tokenizer_source_is_reported_before_the_merge(models, tmp_path, monkeypatch, capsys):
-    def no_work(*args, **kwargs):
-        raise AssertionError("the merge started")
+def _no_work(*args, **kwargs):
+    raise AssertionError("the merge started")
 
-    monkeypatch.setattr("merging.engine.write_model_folder", no_work)
+
+def test_bad_tokenizer_source_is_reported_before_the_merge(models, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("merging.engine.write_model_folder", _no_work)
     config = _merge_config(tmp_path, models, tokenizer_source=str(tmp_path / "no-tokenizer"))
     assert main(["merge", str(config), "--out", str(tmp_path / "out")]) == 2
     assert "tokenizer_source: " in capsys.readouterr().err
