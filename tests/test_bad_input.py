@@ -181,13 +181,15 @@ def _recipe(folder: Path, **sections) -> Path:
     "sections,match",
     [
         ({"training": {"max_step": 6}}, r"training: unknown key\(s\) max_step; did you mean max_step -> max_steps"),
-        ({"training": {"max_steps": 6, "learning_rate": float("nan")}}, r"training.learning_rate: nan is not allowed; expected a finite number"),
+        ({"training": {"max_steps": 6, "max_grad_norm": float("nan")}}, r"training.max_grad_norm: nan is not allowed; expected a finite number"),
         ({"optimizer": {"lr": float("nan")}}, r"optimizer.lr: nan is not allowed; expected a finite number"),
         ({"optimizer": {"lr": -1.0}}, r"optimizer: lr: -1.0 is not allowed; expected a number > 0"),
         ({"optimizer": {"betas": [0.9, 1.5]}}, r"betas: \(0.9, 1.5\) is not allowed; expected two numbers in \[0, 1\)"),
         ({"optimizer": {"name": "onebit_adam"}, "training": {}}, "optimizer.freeze_step: give it, or training.max_steps"),
         ({"lisa": {"num_active_layers": 5}}, r"lisa.num_active_layers: 5 is more than the model's 4 layers; expected 1 to 4"),
         ({"output_dir": "tok"}, r"output_dir: output .*tok/model' lies inside the input .*tok'"),
+        ({"training": {"max_steps": 6, "learning_rate": 0.1}}, r"training: learning_rate belong in the `optimizer:` section"),
+        ({"deepspeed": "zero2", "optimizer": {"weight_decay": 0.01}}, "lisa under ZeRO stage 2 needs optimizer.weight_decay: 0"),
     ],
 )
 def test_bad_recipes_are_refused_before_any_work(recipe_dir, sections, match):

@@ -7,6 +7,7 @@ docs/faults.md lists every fault tried and what happens.
 """
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -129,6 +130,18 @@ def test_resume_of_an_acm_model_is_exact(data_dir):
     final, at_2 = SafetensorsCheckpoint(run / "model"), SafetensorsCheckpoint(run / "checkpoint-2")
     acm = [n for n in final.names() if n.endswith((".w_in", ".gate.net.0.weight"))]
     assert acm and any(not torch.equal(final.get(n), at_2.get(n)) for n in acm)  # the ACMs train after the resume
+
+
+def test_best_model_at_end_is_read_through_the_loader(data_dir):
+    """`load_best_model_at_end` reads an earlier checkpoint back: fused experts and routers included."""
+    training = {**TRAINING, "max_steps": 4, "eval_strategy": "steps", "eval_steps": 2, "load_best_model_at_end": True,
+                "metric_for_best_model": "eval_loss", "greater_is_better": True}  # the worse (first) checkpoint wins
+    recipe = _recipe(data_dir / "best", training=training)
+    done = _run(["train", str(recipe)], data_dir / "best.log")
+    assert done.returncode == 0, done.stdout[-3000:]
+    run = recipe.parent / "run"
+    assert json.loads((run / "checkpoint-4" / "trainer_state.json").read_text())["best_model_checkpoint"] == str(run / "checkpoint-2")
+    assert_same_weights(run / "model", run / "checkpoint-2")
 
 
 @pytest.mark.distributed

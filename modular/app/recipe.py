@@ -42,6 +42,7 @@ from modular.injections import get_injection, injection_kinds
 __all__ = ["Recipe", "describe", "load_recipe", "model_config"]
 
 DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".txt": "text"}
+OPTIMIZER_KEYS = {"learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "optim"}  # from `optimizer:`
 
 
 @dataclass
@@ -264,6 +265,13 @@ def _check_combinations(recipe: Recipe, where: str) -> None:
     reserved = {"output_dir", "deepspeed", "optimizers"} & set(recipe.training)
     if reserved:
         raise ConfigError(f"{where}: training: {', '.join(sorted(reserved))} are set by the recipe itself, not under training")
+    owned = OPTIMIZER_KEYS & set(recipe.training)
+    if owned:
+        raise ConfigError(f"{where}: training: {', '.join(sorted(owned))} belong in the `optimizer:` section "
+                          "(name, lr, weight_decay, betas, eps), which both optimizers read")
+    if recipe.lisa is not None and stage in (1, 2) and recipe.optimizer.weight_decay:
+        raise ConfigError(f"{where}: lisa under ZeRO stage {stage} needs optimizer.weight_decay: 0 (frozen layers share "
+                          f"the flat fp32 partition, and decoupled weight decay would shrink them); got {recipe.optimizer.weight_decay}")
     if recipe.optimizer.name == "onebit_adam" and recipe.optimizer.freeze_step is None and "max_steps" not in recipe.training:
         raise ConfigError(f"{where}: optimizer.freeze_step: give it, or training.max_steps (its default is 15 % of max_steps)")
 

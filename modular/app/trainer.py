@@ -84,8 +84,9 @@ class ModularTrainer(Trainer):
             shutil.rmtree(final)
         written.rename(final)
         staging.rmdir()
-        if self.state.best_model_checkpoint == str(written):
+        if self.state.best_model_checkpoint == str(written):  # the state saved in it named the staging path
             self.state.best_model_checkpoint = str(final)
+            self.state.save_to_json(str(final / "trainer_state.json"))
         rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
                            best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
 
