@@ -283,6 +283,14 @@ def test_task_vector_out_inside_its_input_is_refused(models, capsys):
     assert "lies inside the input" in capsys.readouterr().err and not (models / "ft1" / "tv").exists()
 
 
+def test_adamerging_output_over_an_input_is_refused_before_learning(models, monkeypatch):
+    from merging.adamerging import AdaMergingConfig, adamerge_folders
+
+    monkeypatch.setattr("modular.load_model", _no_work)
+    with pytest.raises(ValueError, match="lies inside the input"):
+        adamerge_folders(models / "base", {"a": models / "ft1"}, [], AdaMergingConfig(), out=models / "ft1" / "merged")
+
+
 def _no_work(*args, **kwargs):
     raise AssertionError("the merge started")
 
