@@ -347,12 +347,12 @@ def atomic_output_dir(out: str | os.PathLike, *, force: bool = False) -> Iterato
         tmp.rename(out)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary sibling renamed over it (never half-written)."""
+def atomic_write_text(path: str | os.PathLike, text: str | bytes) -> Path:
+    """Write ``text`` (or bytes) to ``path`` through a temporary sibling renamed over it (never half-written)."""
     path = Path(path)
     tmp = _temporary_sibling(path, folder=False)
     try:
-        tmp.write_text(text)
+        tmp.write_bytes(text if isinstance(text, bytes) else text.encode())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

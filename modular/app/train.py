@@ -12,6 +12,7 @@ routing statistics, LISA schedule), ``lisa_schedule.json`` and ``loss.png``.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import signal
@@ -285,6 +286,7 @@ def _write_outputs(trainer, tokenizer, final: Path, metrics: dict, eval_data) ->
 
 
 def _plot_loss(history: list[dict], path: Path) -> None:
+    from modular.checkpoint import atomic_write_text
     from modular.plotting import pyplot
 
     from .report import draw_losses
@@ -293,8 +295,10 @@ def _plot_loss(history: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     draw_losses(ax, history)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=110)
     plt.close(fig)
+    atomic_write_text(path, image.getvalue())
 
 
 def run(args: argparse.Namespace) -> int:
