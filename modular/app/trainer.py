@@ -74,11 +74,11 @@ class ModularTrainer(Trainer):
         self.accelerator.wait_for_everyone()  # every rank's files are in the staging folder
         if self.args.should_save:
             self._publish_checkpoint(run_dir)
-        self.accelerator.wait_for_everyone()
+        self.accelerator.wait_for_everyone()  # no rank starts the next save in the staging folder before
 
     def _publish_checkpoint(self, run_dir: Path) -> None:
         staging = run_dir / STAGING_DIR
-        (written,) = list(staging.iterdir())
+        written = staging / f"checkpoint-{self.state.global_step}"
         final = run_dir / written.name
         if final.exists():  # a re-run that reached the same step again: the new one wins
             shutil.rmtree(final)
