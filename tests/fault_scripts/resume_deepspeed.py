@@ -6,8 +6,8 @@
 resumes from it. The test compares the two final models.
 """
 
+import argparse
 import shutil
-import sys
 from pathlib import Path
 
 import torch.distributed as dist
@@ -16,8 +16,13 @@ from finetune.launch import close_process_group
 from modular.app.recipe import load_recipe
 from modular.app.train import run_recipe
 
-root = Path(sys.argv[1])
-for name in sys.argv[2:]:
+parser = argparse.ArgumentParser()
+parser.add_argument("--local_rank", type=int, default=-1)  # set by the deepspeed launcher
+parser.add_argument("root", type=Path)
+parser.add_argument("names", nargs="+")
+args = parser.parse_args()
+root = args.root
+for name in args.names:
     run_recipe(load_recipe(root / f"ref-{name}" / "recipe.yaml"))
     if dist.get_rank() == 0:
         shutil.copytree(root / f"ref-{name}" / "run" / "checkpoint-3", root / f"resumed-{name}" / "run" / "checkpoint-3")
