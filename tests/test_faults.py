@@ -81,6 +81,7 @@ def _run(args: list[str], log: Path, timeout=300) -> subprocess.CompletedProcess
 
 
 TRAINING = {"max_steps": 6, "per_device_train_batch_size": 4, "logging_steps": 1, "save_steps": 2}
+ACM = [{"acm": {"num_learners": 4, "distill_steps": 2, "gate_steps": 2, "gate_hidden_size": 8}}]
 
 
 def test_train_killed_mid_step_mid_checkpoint_and_mid_final_save_ends_bit_identical(data_dir):
@@ -116,8 +117,7 @@ def test_train_killed_mid_step_mid_checkpoint_and_mid_final_save_ends_bit_identi
 def test_resume_of_an_acm_model_is_exact(data_dir):
     """The ACM injection (learners and gates, rebuilt on load) resumes bit for bit, with LISA and
     1-bit Adam in one process (its compressed stage from step 2 on)."""
-    acm = {"injections": [{"acm": {"num_learners": 4, "distill_steps": 2, "gate_steps": 2, "gate_hidden_size": 8}}],
-           "lisa": {"num_active_layers": 2, "interval_steps": 3}, "training": {**TRAINING, "max_steps": 4},
+    acm = {"injections": ACM, "lisa": {"num_active_layers": 2, "interval_steps": 3}, "training": {**TRAINING, "max_steps": 4},
            "optimizer": {"name": "onebit_adam", "lr": 1e-3, "freeze_step": 1}}
     reference = _recipe(data_dir / "reference", **acm)
     assert _run(["train", str(reference)], data_dir / "reference.log").returncode == 0
@@ -146,10 +146,11 @@ def test_best_model_at_end_is_read_through_the_loader(data_dir):
 
 @pytest.mark.distributed
 def test_resume_under_deepspeed_two_ranks_is_exact(data_dir):
-    """2 gloo ranks under `deepspeed`: ZeRO-0 + 1-bit Adam (per-rank error buffers) and ZeRO-2 + AdamW."""
+    """2 gloo ranks under `deepspeed`, LISA: upcycle + AdaMoE with ZeRO-0 + 1-bit Adam (per-rank error
+    buffers), and ACM with ZeRO-2 + AdamW."""
     configs = {
         "onebit": dict(optimizer={"name": "onebit_adam", "lr": 1e-3, "freeze_step": 2}, deepspeed="onebit_zero0"),
-        "zero2": dict(optimizer={"name": "adamw", "lr": 1e-3}, deepspeed="zero2"),
+        "zero2": dict(optimizer={"name": "adamw", "lr": 1e-3}, deepspeed="zero2", injections=ACM),
     }
     training = {**TRAINING, "per_device_train_batch_size": 2, "save_steps": 3}
     for name, sections in configs.items():
