@@ -13,6 +13,8 @@ cannot clean up after itself). :func:`check_output_dir` keeps an output away fro
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import math
 import os
@@ -338,13 +340,31 @@ def atomic_output_dir(out: str | os.PathLike, *, force: bool = False) -> Iterato
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out.exists():
+    if not out.exists():
+        tmp.rename(out)
+    elif exchange_paths(tmp, out):  # the old folder is now at tmp
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:  # no atomic exchange here: for a moment neither folder is at `out`
         old = _temporary_sibling(out, folder=True)
         os.replace(out, old / "old")
         tmp.rename(out)
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
+
+
+def exchange_paths(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``), so a replaced
+    output is never missing, even for a moment; ``False`` where the system cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str | bytes) -> Path:

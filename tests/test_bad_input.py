@@ -346,6 +346,22 @@ def test_stale_temporaries_are_removed_old_ones_reported_live_ones_kept(tmp_path
     assert not dead.exists() and live.is_dir() and old.is_dir() and (tmp_path / "out" / "x").is_file()
 
 
+def test_replacing_an_output_swaps_the_folders_in_one_step(tmp_path, monkeypatch):
+    """`--force` over an existing output: the old folder is exchanged with the new one, never moved
+    away first (a kill between two renames would leave neither in place)."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.txt").write_text("old")
+
+    def two_step(*args):
+        raise AssertionError("moved the old output away first")
+
+    monkeypatch.setattr("modular.checkpoint.os.replace", two_step)
+    with atomic_output_dir(tmp_path / "out", force=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 def _gone_pid() -> int:
     process = subprocess.Popen(["true"])
     process.wait()
