@@ -342,7 +342,7 @@ def atomic_output_dir(out: str | os.PathLike, *, force: bool = False) -> Iterato
         raise
     if not out.exists():
         tmp.rename(out)
-    elif exchange_paths(tmp, out):  # the old folder is now at tmp
+    elif _exchange(tmp, out):  # the old folder is now at tmp
         shutil.rmtree(tmp, ignore_errors=True)
     else:  # no atomic exchange here: for a moment neither folder is at `out`
         old = _temporary_sibling(out, folder=True)
@@ -351,7 +351,7 @@ def atomic_output_dir(out: str | os.PathLike, *, force: bool = False) -> Iterato
         shutil.rmtree(old, ignore_errors=True)
 
 
-def exchange_paths(a: Path, b: Path) -> bool:
+def _exchange(a: Path, b: Path) -> bool:
     """Swap two existing paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``), so a replaced
     output is never missing, even for a moment; ``False`` where the system cannot."""
     try:
