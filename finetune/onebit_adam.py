@@ -29,7 +29,8 @@ Design choices (no anchor settles them):
   rank; :meth:`state_dict` carries frozen variance and both error buffers, and a resumed run
   continues bit for bit. Hosts that save the optimizer of rank 0 only (``Trainer``'s
   ``optimizer.pt``, DeepSpeed ZeRO-0 checkpoints) resume every rank with rank 0's error buffers:
-  parameters stay identical across ranks, but the run is not bit-identical to an uninterrupted one.
+  parameters stay identical across ranks, but the run is not bit-identical to an uninterrupted one
+  (``modular train`` also saves and restores each rank's buffers, so its resume is exact).
 * **What is compressed** (default ``compress_preconditioned=True``): the paper compresses the
   momentum ``m``. Since ``v`` is frozen and the same on all ranks, averaging ``m / (√v̂ + ε)`` is the same
   linear map as averaging ``m``; compressing it makes the 1-bit error relative to Adam's (already

@@ -300,8 +300,12 @@ def adamerge_folders(
     maps them to the checkpoint's tensor names, which transformers' weight conversions may change.
     """
     from modular import load_model
+    from modular.checkpoint import check_output_dir
     from modular.loading import saved_tensor_names
 
+    if out is not None:  # before the coefficients are learned, not after
+        check_output_dir(out, force=merge_kwargs.get("force", False),
+                         inputs=[base, *finetuned.values(), merge_kwargs.get("tokenizer_source")])
     model = load_model(base, dtype=torch.float32)
     task_vectors = [_parameter_deltas(model, load_model(path, dtype=torch.float32), label) for label, path in finetuned.items()]
     result = adamerge(model, task_vectors, tasks, config, progress=progress)

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from modular.checkpoint import check_output_dir
+
 from .methods import REQUIRED, MergeMethod, get_merge_method
 from .output import merge_record, model_card, write_model_folder
 from .parameters import LayerPositions, Setting, resolve_setting
@@ -181,6 +183,8 @@ def merge(
         raise ValueError(f"base model {base_src.label!r} is a task vector (deltas); give the model it was taken from")
     inputs = [_open(m) for m in models]
     spec.check_models(len(inputs), base_src is not None)
+    if out is not None:
+        _check_inputs_and_output(out, force, [base_src, *inputs], tokenizer_source)
     reference = base_src if base_src is not None else inputs[0]
     if isinstance(reference, TaskVector):
         raise ValueError(f"merge method {method!r} without a base model needs full models, not task vector {reference.label!r}")
@@ -268,6 +272,19 @@ def _open(model):
     if isinstance(model, (str, os.PathLike)):
         return open_model(model)
     return model if isinstance(model, TaskVector) else as_source(model)
+
+
+def _check_inputs_and_output(out, force: bool, sources: Sequence, tokenizer_source) -> None:
+    """Before any work: the tokenizer source exists, and ``out`` is none of the folders read."""
+    if tokenizer_source is not None and not Path(tokenizer_source).is_dir():
+        raise FileNotFoundError(f"tokenizer_source {str(tokenizer_source)!r} is not a folder")
+    folders = [tokenizer_source, *(f for s in sources if s is not None for f in _folders_read(s))]
+    check_output_dir(out, force=force, inputs=folders)
+
+
+def _folders_read(source) -> tuple:
+    """The folders a source reads (a task vector records its own; a checkpoint is its ``path``)."""
+    return tuple(getattr(source, "folders", None) or (getattr(source, "path", None),))
 
 
 def _label(source) -> str:

@@ -107,6 +107,7 @@ class LoraMerged:
     def __init__(self, model, adapter: LoraAdapter, label: str):
         self.model, self.adapter, self.label = model, adapter, label
         self.path = getattr(model, "path", None)
+        self.folders = (self.path, adapter.folder)  # both are inputs an output must not replace
         missing = [n for n in adapter.names() if n not in model.names() or model.shape(n) != adapter.shape(n)]
         if missing:
             raise ValueError(f"{label}: the adapter's weights {missing[:3]} are missing from {model!r} or have other shapes; "

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from modular.checkpoint import atomic_write_text
+from modular.checkpoint import atomic_write_text, check_output_dir
 
 from .adamerging_yaml import run_adamerging
 from .config import ADAMERGING, MergeConfig
@@ -53,6 +53,17 @@ def _compute_dtype(config: MergeConfig, choice: str | None, reference) -> str:
     return dtypes.pop() if len(dtypes) == 1 else "float32"
 
 
+def _check_before_work(config: MergeConfig, out, force: bool) -> None:
+    """A missing tokenizer folder, or an output that would replace an input, is found before any work."""
+    tokenizer = config.tokenizer.source if config.tokenizer is not None else None
+    if tokenizer in ("base", "union"):
+        tokenizer = None
+    if tokenizer is not None and not Path(tokenizer).is_dir():
+        raise FileNotFoundError(f"tokenizer source {tokenizer!r} is not a folder (give base, union or a model folder)")
+    models = [part for m in config.models for part in str(m.model).split("+")]
+    check_output_dir(out, force=force, inputs=[config.base_model, *models, *(m.data for m in config.models), tokenizer])
+
+
 def run_merge(config: MergeConfig, out: str | os.PathLike, *, force: bool = False, progress: bool = True,
               config_text: str | None = None, random_seed: int = 0, compute_dtype: str | None = None,
               out_shard_size: str | None = None) -> Path:
@@ -62,6 +73,7 @@ def run_merge(config: MergeConfig, out: str | os.PathLike, *, force: bool = Fals
     mergekit's masks); ``compute_dtype`` overrides the config's; ``config_text`` (the YAML as
     written) goes into the model card and ``mergekit_config.yml``.
     """
+    _check_before_work(config, out, force)
     common = dict(
         out=out, force=force, dtype=config.out_dtype or config.dtype, max_shard_bytes=parse_size(out_shard_size or config.out_shard_size),
         card={"Configuration": f"```yaml\n{config_text.strip()}\n```"} if config_text else None, progress=progress,

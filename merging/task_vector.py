@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import re
 import shutil
@@ -28,6 +29,7 @@ from modular.checkpoint import (
     ShardedWriter,
     atomic_output_dir,
     atomic_write_text,
+    check_output_dir,
 )
 
 from .methods import ties_process
@@ -46,12 +48,15 @@ class TaskVector:
         shapes: tensor name -> shape, for every tensor with a (possibly) non-zero delta.
         get: name -> float32 delta tensor of that shape.
         label: shown in error messages and model cards.
+        folders: the checkpoint folders it reads (an output must never replace them).
     """
 
-    def __init__(self, shapes: Mapping[str, torch.Size], get: Callable[[str], torch.Tensor], label: str = "task vector"):
+    def __init__(self, shapes: Mapping[str, torch.Size], get: Callable[[str], torch.Tensor], label: str = "task vector",
+                 folders: Sequence[Path] = ()):
         self.shapes = dict(shapes)
         self._get = get
         self.label = label
+        self.folders = tuple(folders)
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -69,8 +74,9 @@ class TaskVector:
         check_compatible(_Subset(base_src, keep), _Subset(ft_src, ft_keep), what="fine-tuned model")
         return cls(
             {n: base_src.shape(n) for n in keep},
-            lambda n: ft_src.get(n).float() - base_src.get(n).float(),
+            functools.partial(_difference, ft_src, base_src),
             label=label or repr(ft_src),
+            folders=_folders(base_src, ft_src),
         )
 
     @classmethod
@@ -87,7 +93,7 @@ class TaskVector:
         if isinstance(adapter, torch.nn.Module):
             return cls.from_tensors(lora_deltas(adapter, adapter_name), label=label or "LoRA")
         lora = LoraAdapter(adapter)
-        return cls({n: lora.shape(n) for n in lora.names()}, lora.delta, label=label or str(adapter))
+        return cls({n: lora.shape(n) for n in lora.names()}, lora.delta, label=label or str(adapter), folders=(lora.folder,))
 
     @classmethod
     def from_tensors(cls, tensors: Mapping[str, torch.Tensor], label: str = "task vector") -> TaskVector:
@@ -108,7 +114,8 @@ class TaskVector:
         if meta.get("format") != FORMAT:
             raise CheckpointError(f"{meta_file}: format {meta.get('format')!r}, expected {FORMAT!r}")
         src = SafetensorsCheckpoint(path)
-        return cls({n: src.shape(n) for n in src.names()}, lambda n: src.get(n).float(), label=meta.get("label", str(path)))
+        return cls({n: src.shape(n) for n in src.names()}, lambda n: src.get(n).float(), label=meta.get("label", str(path)),
+                   folders=(path,))
 
     # -- access -------------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -147,7 +154,7 @@ class TaskVector:
             b = other.get(n) if n in other.shapes else torch.zeros(shapes[n])
             return op(a, b)
 
-        return TaskVector(shapes, get, label=f"({self.label} {sym} {other.label})")
+        return TaskVector(shapes, get, label=f"({self.label} {sym} {other.label})", folders=self.folders + other.folders)
 
     def __add__(self, other: TaskVector) -> TaskVector:
         return self._zip(other, torch.add, "+")
@@ -158,7 +165,9 @@ class TaskVector:
     def __mul__(self, scale: float) -> TaskVector:
         if not isinstance(scale, (int, float)):
             return NotImplemented
-        return TaskVector(self.shapes, lambda n: self.get(n) * scale, label=f"{scale:g} * {self.label}")
+        if not math.isfinite(scale):
+            raise ValueError(f"{self.label}: scale {scale!r} is not allowed; expected a finite number")
+        return TaskVector(self.shapes, lambda n: self.get(n) * scale, label=f"{scale:g} * {self.label}", folders=self.folders)
 
     __rmul__ = __mul__
 
@@ -172,6 +181,8 @@ class TaskVector:
         path = Path(path)
         layout = [(n, s, torch.float32) for n, s in self.shapes.items()]
         if path.suffix == ".safetensors":
+            if any(path.resolve() == Path(f).resolve() for f in self.folders):
+                raise ValueError(f"output {str(path)!r} is the input it is read from; write the output elsewhere")
             if path.exists() and not force:
                 raise FileExistsError(f"output file {str(path)!r} exists; pass --force (force=True) to replace it")
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -182,6 +193,7 @@ class TaskVector:
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
             return path
+        check_output_dir(path, force=force, inputs=self.folders)
         with atomic_output_dir(path, force=force) as tmp:
             self._write(ShardedWriter(tmp, layout, max_shard_bytes))
             atomic_write_text(tmp / META_FILE, json.dumps({"format": FORMAT, "version": 1, "label": self.label}, indent=2))
@@ -268,7 +280,22 @@ def ties_processed(task_vectors: Sequence[TaskVector], *, density: float | Seque
             cache[name] = weighted.mul_(agree)
         return cache[name][k]
 
-    return [TaskVector(shapes, functools.partial(row, k), label=f"TIES({tv.label})") for k, tv in enumerate(task_vectors)]
+    return [TaskVector(shapes, functools.partial(row, k), label=f"TIES({tv.label})", folders=tv.folders)
+            for k, tv in enumerate(task_vectors)]
+
+
+def _folders(*sources) -> tuple[Path, ...]:
+    return tuple(src.path for src in sources if isinstance(src, SafetensorsCheckpoint))
+
+
+def _difference(finetuned, base, name: str) -> torch.Tensor:
+    """finetuned − base for ``name``; NaN/inf in either model is an error naming that model."""
+    delta = finetuned.get(name).float() - base.get(name).float()
+    if not torch.isfinite(delta).all():
+        for role, source in (("base model", base), ("fine-tuned model", finetuned)):
+            if not torch.isfinite(source.get(name).float()).all():
+                raise ValueError(f"{role} {source!r}: tensor {name!r} contains NaN or inf")
+    return delta
 
 
 class _Subset:

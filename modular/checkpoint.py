@@ -4,17 +4,26 @@ The one reader (:class:`SafetensorsCheckpoint`), the one writer (:class:`Sharded
 one atomic-output helper (:func:`atomic_output_dir`, :func:`atomic_write_text`) of the project:
 the loader, task vectors, every merge and the training outputs use them. Nothing here loads a
 whole model. Pickled ``.bin`` checkpoints are refused on purpose (safetensors only, never unpickle).
+
+Temporary outputs are named ``.<name>.tmp-<pid>-<host>-<random>`` beside their target: a later
+output to the same place removes those whose process is gone (a writer killed with SIGKILL
+cannot clean up after itself). :func:`check_output_dir` keeps an output away from the inputs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import math
 import os
+import re
 import shutil
+import socket
 import struct
 import tempfile
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -28,11 +37,13 @@ __all__ = [
     "TMP_MARK",
     "atomic_output_dir",
     "atomic_write_text",
+    "check_output_dir",
+    "remove_stale_temporaries",
 ]
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-TMP_MARK = ".tmp-"  # temporary outputs are named ``.<name>.tmp-<random>`` beside their target
+TMP_MARK = ".tmp-"  # temporary outputs are named ``.<name>.tmp-<pid>-<host>-<random>`` beside their target
 
 _ST_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
@@ -230,10 +241,16 @@ class ShardedWriter:
         (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2))
 
 
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+
+
 def _temporary_sibling(out: Path, *, folder: bool) -> Path:
-    """A new temporary file or folder beside ``out``, readable as the user's umask allows."""
+    """A new temporary file or folder beside ``out`` (named after this process), readable as the
+    user's umask allows. Stale ones of killed processes are removed first."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{out.name}{TMP_MARK}"
+    remove_stale_temporaries(out)
+    prefix = f".{out.name}{TMP_MARK}{os.getpid()}-{_host()}-"
     if folder:
         tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=out.parent))
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a normal mkdir would follow the umask
@@ -242,6 +259,66 @@ def _temporary_sibling(out: Path, *, folder: bool) -> Path:
     os.close(fd)
     os.chmod(name, 0o666 & ~_umask())
     return Path(name)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_stale_temporaries(out: str | os.PathLike) -> list[Path]:
+    """Remove the temporary siblings of ``out`` left by processes of this host that are gone (a
+    killed merge or save); returns them. Ones of other hosts or live processes stay; ones in the
+    older pid-less naming are reported (a warning), not removed, since their owner is unknown."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        return []
+    ours = re.compile(rf"^\.{re.escape(out.name)}{re.escape(TMP_MARK)}(\d+)-(.+)-[a-z0-9_]{{8}}$")
+    unknown = re.compile(rf"^\.{re.escape(out.name)}{re.escape(TMP_MARK)}[a-z0-9_]{{8}}$")
+    removed = []
+    for sibling in out.parent.iterdir():
+        match = ours.match(sibling.name)
+        if match and match.group(2) == _host() and not _process_alive(int(match.group(1))):
+            if sibling.is_dir():
+                shutil.rmtree(sibling, ignore_errors=True)
+            else:
+                sibling.unlink(missing_ok=True)
+            removed.append(sibling)
+        elif unknown.match(sibling.name):
+            warnings.warn(f"{sibling}: a temporary output of an interrupted run (of an older modular-llm); remove it",
+                          stacklevel=3)
+    if removed:
+        warnings.warn(f"removed {len(removed)} temporary output(s) of killed runs beside {out}: "
+                      f"{', '.join(p.name for p in removed)}", stacklevel=3)
+    return removed
+
+
+def check_output_dir(out: str | os.PathLike, *, force: bool = False,
+                     inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
+    """Refuse, before any work, an output folder that :func:`atomic_output_dir` would refuse, or
+    one that is, contains or lies inside one of ``inputs`` (replacing it would destroy an input).
+    ``None`` entries (inputs given as modules or tensors) are skipped. Returns ``Path(out)``."""
+    out = Path(out)
+    if not out.name or out.name in (".", ".."):
+        raise ValueError(f"output folder {str(out)!r}: give a folder name (e.g. ./merged), not {str(out)!r}")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output path {str(out)!r} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise FileExistsError(f"output folder {str(out)!r} is not empty; pass --force (force=True) to replace it")
+    target = out.resolve()
+    for given in inputs:
+        if given is None:
+            continue
+        source = Path(given).resolve()
+        if target == source or source.is_relative_to(target) or target.is_relative_to(source):
+            relation = "is" if target == source else "contains" if source.is_relative_to(target) else "lies inside"
+            raise ValueError(f"output {str(out)!r} {relation} the input {str(given)!r}; write the output elsewhere")
+    return out
 
 
 def _umask() -> int:
@@ -268,13 +345,7 @@ def atomic_output_dir(out: str | os.PathLike, *, force: bool = False) -> Iterato
     Refuses to replace an existing non-empty ``out`` unless ``force``; on error (or
     ``KeyboardInterrupt``) the temporary folder is removed and ``out`` is left as it was.
     """
-    out = Path(out)
-    if not out.name or out.name in (".", ".."):
-        raise ValueError(f"output folder {str(out)!r}: give a folder name (e.g. ./merged), not {str(out)!r}")
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"output path {str(out)!r} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise FileExistsError(f"output folder {str(out)!r} is not empty; pass --force (force=True) to replace it")
+    out = check_output_dir(out, force=force)
     tmp = _temporary_sibling(out, folder=True)
     try:
         yield tmp
@@ -282,21 +353,39 @@ def atomic_output_dir(out: str | os.PathLike, *, force: bool = False) -> Iterato
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out.exists():
+    if not out.exists():
+        tmp.rename(out)
+    elif _exchange(tmp, out):  # the old folder is now at tmp
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:  # no atomic exchange here: for a moment neither folder is at `out`
         old = _temporary_sibling(out, folder=True)
         os.replace(out, old / "old")
         tmp.rename(out)
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary sibling renamed over it (never half-written)."""
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``), so a replaced
+    output is never missing, even for a moment; ``False`` where the system cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str | bytes) -> Path:
+    """Write ``text`` (or bytes) to ``path`` through a temporary sibling renamed over it (never half-written)."""
     path = Path(path)
     tmp = _temporary_sibling(path, folder=False)
     try:
-        tmp.write_text(text)
+        tmp.write_bytes(text if isinstance(text, bytes) else text.encode())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

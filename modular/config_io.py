@@ -8,6 +8,8 @@ line that says where (``recipe.yaml: lisa.interval_step``) and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import os
 import types
 import typing
@@ -16,7 +18,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-__all__ = ["ConfigError", "from_dict", "read_yaml"]
+__all__ = ["ConfigError", "from_dict", "read_yaml", "unknown_keys_error"]
 
 T = TypeVar("T")
 
@@ -72,11 +74,24 @@ def _check_type(value: Any, annotation: Any, where: str) -> Any:
         return value
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: {value!r} is not allowed; expected a finite number")
     if isinstance(annotation, type) and not isinstance(value, annotation):
         raise ConfigError(f"{where}: expected {annotation.__name__}, got {value!r}")
     if annotation is int and isinstance(value, bool):
         raise ConfigError(f"{where}: expected int, got {value!r}")
     return value
+
+
+def unknown_keys_error(given, allowed, where: str, *, list_allowed: bool = True) -> ConfigError:
+    """The error for the keys of ``given`` not in ``allowed``, with close matches (typos) named."""
+    allowed = list(allowed)
+    unknown = sorted(set(given) - set(allowed), key=str)
+    close = {key: difflib.get_close_matches(str(key), allowed, n=2) for key in unknown}
+    hints = [f"{key} -> {' or '.join(found)}" for key, found in close.items() if found]
+    message = f"{where}: unknown key(s) {', '.join(map(str, unknown))}"
+    message += f"; allowed: {', '.join(allowed)}" if list_allowed else ""
+    return ConfigError(message + (f"; did you mean {', '.join(hints)}?" if hints else ""))
 
 
 def from_dict(cls: type[T], data: Any, where: str) -> T:
@@ -91,9 +106,8 @@ def from_dict(cls: type[T], data: Any, where: str) -> T:
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(fields)}")
+    if set(data) - set(fields):
+        raise unknown_keys_error(data, fields, where)
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, field in fields.items():

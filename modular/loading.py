@@ -7,13 +7,20 @@ How it loads an injected checkpoint:
    conversions, e.g. fused MoE experts, apply as for any checkpoint);
 3. replay each injection record through its registered rebuild function;
 4. read from the safetensors files every tensor the injections added (names the base model
-   did not have), by name; any that is missing is an error.
+   did not have), by name;
+5. account for every tensor: one the model needs but the files lack, or one the files hold but
+   no part of the model reads (e.g. injected tensors of a folder whose record was removed), is
+   an error naming them (``strict=False`` turns it into a warning).
+
+:func:`load_checkpoint_into` reads such a folder into an existing model of the same structure
+(the recipe runner resumes training with it).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -24,12 +31,14 @@ from transformers.utils import logging as hf_logging
 
 from .checkpoint import CheckpointError, SafetensorsCheckpoint
 from .injections import InjectionError, rebuild_injection
-from .surgery import INJECTIONS_KEY, base_model_type, clear_injection_records
+from .surgery import INJECTIONS_KEY, base_model_type, clear_injection_records, injection_records
 
-__all__ = ["load_model", "saved_tensor_names"]
+__all__ = ["load_checkpoint_into", "load_model", "read_config", "saved_tensor_names"]
 
 
-def _read_config(path: Path) -> tuple[transformers.PretrainedConfig, list[dict]]:
+def read_config(path: str | os.PathLike) -> tuple[transformers.PretrainedConfig, list[dict]]:
+    """A checkpoint folder's HF config (injection mark removed) and its injection records; no weights."""
+    path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{path}: no config.json (expected a folder written by save_pretrained)")
@@ -37,7 +46,13 @@ def _read_config(path: Path) -> tuple[transformers.PretrainedConfig, list[dict]]
         config_dict = json.loads(config_file.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{config_file}: not valid JSON ({err})") from None
-    records = config_dict.pop(INJECTIONS_KEY, None) or []
+    records = config_dict.pop(INJECTIONS_KEY, None)
+    if records is None:
+        records = []
+    if not isinstance(records, list):
+        raise CheckpointError(
+            f"{config_file}: {INJECTIONS_KEY} must be a list of injection records, got {type(records).__name__} {records!r}"
+        )
     model_type = base_model_type(config_dict.get("model_type", ""))
     if model_type not in CONFIG_MAPPING:
         raise CheckpointError(f"{config_file}: model_type {model_type!r} is not known to transformers {transformers.__version__}")
@@ -55,40 +70,92 @@ def _model_class(config: transformers.PretrainedConfig, path: Path) -> type:
     return cls
 
 
-def load_model(path: str | os.PathLike, *, dtype: str | torch.dtype = "auto", **from_pretrained_kwargs) -> torch.nn.Module:
+def load_model(path: str | os.PathLike, *, dtype: str | torch.dtype = "auto", strict: bool = True,
+               **from_pretrained_kwargs) -> torch.nn.Module:
     """Load a ``save_pretrained`` folder, re-applying every modular-llm injection recorded in it.
 
     Works for plain HF checkpoints too. ``dtype`` and other keyword arguments go to
-    transformers' ``from_pretrained``. Local folders only.
+    transformers' ``from_pretrained``. Local folders only. ``strict``: a tensor the model needs
+    and the folder lacks, or one the folder holds and the model does not read, is an error
+    (``False``: a warning, and the model keeps its initial values there).
     """
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"load_model: {str(path)!r} is not a folder (expected a save_pretrained output)")
-    config, records = _read_config(path)
+    config, records = read_config(path)
     checkpoint = SafetensorsCheckpoint(path)
     model_class = _model_class(config, path)
 
     # The injected tensors are unknown to the base model: transformers would report them as
-    # unexpected (and injected-away modules as missing) although step 4 loads them.
+    # unexpected (and injected-away modules as missing); step 5 accounts for them instead.
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        model = model_class.from_pretrained(path, config=config, dtype=dtype, **from_pretrained_kwargs)
+        model, info = model_class.from_pretrained(path, config=config, dtype=dtype, output_loading_info=True,
+                                                  **from_pretrained_kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
-    if not records:
-        return model
-
-    base_names = set(model.state_dict())
-    clear_injection_records(model)
-    for record in records:
-        rebuild_injection(model, record)
-    rebuilt = [r["kind"] for r in getattr(model.config, INJECTIONS_KEY, [])]
-    if rebuilt != [r["kind"] for r in records]:
-        raise InjectionError(f"{path}: rebuilding injections {[r['kind'] for r in records]} recorded {rebuilt} instead")
-    _load_injected_tensors(model, checkpoint, base_names)
+    injected: set[str] = set()
+    if records:
+        base_names = set(model.state_dict())
+        clear_injection_records(model)
+        for record in records:
+            rebuild_injection(model, record)
+        rebuilt = [r["kind"] for r in getattr(model.config, INJECTIONS_KEY, [])]
+        if rebuilt != [r["kind"] for r in records]:
+            raise InjectionError(f"{path}: rebuilding injections {[r['kind'] for r in records]} recorded {rebuilt} instead")
+        injected = _load_injected_tensors(model, checkpoint, base_names)
+    _account_for_tensors(model, info, injected, path, strict)
     model.eval()
     return model
+
+
+def _account_for_tensors(model: torch.nn.Module, info: dict, injected: set[str], path: Path, strict: bool) -> None:
+    """Raise (or warn) when transformers left a tensor of the final model unloaded, or a tensor of
+    the folder unread, that the injections did not account for."""
+    state = set(model.state_dict())
+    missing = sorted(n for n in info["missing_keys"] if n in state and n not in injected)
+    unused = sorted(n for n in info["unexpected_keys"] if n not in injected)
+    mismatched = sorted(str(m[0] if isinstance(m, tuple) else m) for m in info.get("mismatched_keys", ()))
+    problems = [
+        f"{len(names)} {what}: {_first(names)}"
+        for names, what in (
+            (missing, "tensors the model needs are not in the folder (they would keep their initial values)"),
+            (unused, "tensors in the folder are read by no part of the model (an injection record removed from "
+                     "config.json, or a different architecture)"),
+            (mismatched, "tensors have another shape in the folder"),
+        )
+        if names
+    ]
+    if not problems:
+        return
+    message = f"{path}: " + "; ".join(problems)
+    if strict:
+        raise CheckpointError(message + "; pass strict=False to load anyway")
+    warnings.warn(message, stacklevel=3)
+
+
+def _first(names: list[str], limit: int = 4) -> str:
+    return ", ".join(names[:limit]) + (f" (and {len(names) - limit} more)" if len(names) > limit else "")
+
+
+def load_checkpoint_into(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Copy the weights of a ``save_pretrained`` folder into ``model``, read as :func:`load_model`
+    reads them (injections rebuilt, transformers' weight conversions applied).
+
+    ``model`` must have the folder's structure (same family, same injections in the same
+    order); every tensor must be accounted for. The folder is loaded whole first, so this needs
+    the memory of a second copy of the model for a moment.
+    """
+    saved = load_model(path, dtype=next(model.parameters()).dtype)
+    ours, theirs = [r["kind"] for r in injection_records(model)], [r["kind"] for r in injection_records(saved)]
+    if ours != theirs:
+        raise CheckpointError(f"{path}: the folder records injections {theirs}, the model to load into has {ours}")
+    missing, unexpected = model.load_state_dict(saved.state_dict(), strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: the folder does not fit the model: missing {_first(sorted(missing))}; unexpected {_first(sorted(unexpected))}"
+        )
 
 
 def saved_tensor_names(model: torch.nn.Module, tensors: dict[str, torch.Tensor] | None = None) -> dict[str, list[str]]:
@@ -123,7 +190,8 @@ def _saved_names(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> di
     return names
 
 
-def _load_injected_tensors(model: torch.nn.Module, checkpoint: SafetensorsCheckpoint, base_names: set[str]) -> None:
+def _load_injected_tensors(model: torch.nn.Module, checkpoint: SafetensorsCheckpoint, base_names: set[str]) -> set[str]:
+    """Read the tensors the injections added (by name); returns their names in the model."""
     state = model.state_dict()
     added = {name: tensor for name, tensor in state.items() if name not in base_names}
     on_disk = _saved_names(model, added)
@@ -143,3 +211,4 @@ def _load_injected_tensors(model: torch.nn.Module, checkpoint: SafetensorsCheckp
                     f"the injected model expects {tuple(target.shape)}"
                 )
             target.copy_(tensor)
+    return set(added)

@@ -35,6 +35,7 @@ __all__ = [
     "injection_records",
     "record_injection",
     "replace_module",
+    "update_injection_records",
 ]
 
 INJECTIONS_KEY = "modular_injections"
@@ -131,6 +132,16 @@ def record_injection(model: nn.Module, kind: str, config: dict, targets: list[st
     )
     setattr(model.config, INJECTIONS_KEY, records)
     _mark_config(model.config)
+
+
+def update_injection_records(model: nn.Module, kind: str, **settings) -> None:
+    """Change settings of every ``kind`` record in ``model.config`` (a run-time knob changed after
+    injection, e.g. the ACM threshold, so that a saved and re-loaded model behaves the same)."""
+    records = injection_records(model)
+    if not any(r["kind"] == kind for r in records):
+        raise InjectionError(f"update_injection_records: the model records no {kind!r} injection")
+    updated = [{**r, "config": {**r["config"], **settings}} if r["kind"] == kind else r for r in records]
+    setattr(model.config, INJECTIONS_KEY, updated)
 
 
 def clear_injection_records(model: nn.Module) -> list[dict]:

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..injections import InjectionKind, register_injection
-from ..surgery import record_injection, replace_module
+from ..surgery import record_injection, replace_module, update_injection_records
 from .calibration import calibration_batches, convert_site
 from .config import ACMConfig
 from .layer import ACMLayer
@@ -55,6 +55,7 @@ def acmize(model: nn.Module, config: ACMConfig, calibration_data: Iterable, *, p
         (||y_j - y||^2 / ||y||^2 for j = 0..N) and the histogram of gate labels.
     """
     batches = calibration_batches(calibration_data)
+    _check_token_ids(model, batches)
     sites = ffn_sites(model, config)
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(config.seed)
     torch.manual_seed(config.seed)
@@ -76,6 +77,16 @@ def acmize(model: nn.Module, config: ACMConfig, calibration_data: Iterable, *, p
     record_injection(model, ACM_KIND, asdict(config), targets)
     model.acm_conversion_log = logs
     return model.eval()
+
+
+def _check_token_ids(model: nn.Module, batches: list[dict]) -> None:
+    """Calibration token ids must index the model's embedding table (else a raw IndexError deep inside)."""
+    vocab = model.get_input_embeddings().num_embeddings
+    for i, batch in enumerate(batches):
+        ids = batch["input_ids"]
+        if ids.numel() and (ids.min() < 0 or ids.max() >= vocab):
+            raise ValueError(f"acmize: calibration batch {i} has token ids in [{ids.min().item()}, {ids.max().item()}], "
+                             f"outside the model's vocabulary [0, {vocab - 1}] (a tokenizer of another model?)")
 
 
 def rebuild(model: nn.Module, config_dict: dict) -> None:
@@ -110,3 +121,4 @@ def set_threshold(model: nn.Module, threshold: float | None) -> None:
         raise ValueError(f"set_threshold: threshold must be None (argmax) or in (0, 1], got {threshold!r}")
     for _, layer in acm_modules(model):
         layer.threshold = threshold
+    update_injection_records(model, ACM_KIND, threshold=threshold)  # saved with the model, rebuilt on load

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 from importlib.metadata import entry_points
 
@@ -100,20 +101,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so that it unwinds as Ctrl-C does (temporary outputs removed)."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)  # `modular train` installs its own graceful stop
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt as err:
+        name, code = ("SIGTERM", 128 + signal.SIGTERM) if isinstance(err, Terminated) else ("Ctrl-C", 128 + signal.SIGINT)
+        print(f"modular {args.command}: stopped by {name}; unfinished outputs were removed", file=sys.stderr)
+        return code
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
         # Bad input: one clear line, no traceback. Set MODULAR_DEBUG=1 for the traceback.
         if os.environ.get("MODULAR_DEBUG"):
             raise
         print(f"modular {args.command}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

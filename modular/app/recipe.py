@@ -15,27 +15,34 @@ Example (``examples/recipes/adamoe_lisa_onebit.yaml`` is a complete one)::
     training: {max_steps: 100, per_device_train_batch_size: 8, save_steps: 20}
     output_dir: runs/task-a
 
-Paths are relative to the recipe file. Impossible combinations are refused here, before any
-model is built: LISA with ZeRO-3 (parameters are partitioned, so a layer cannot be frozen and
-unfrozen by ``requires_grad``), and OneBitAdam with ZeRO > 0 (its compressed all-reduce
-replaces the gradient reduction that ZeRO partitions).
+Paths are relative to the recipe file. Every key is checked (those under ``training:`` against
+``transformers.TrainingArguments``), every number must be finite, and impossible combinations
+are refused here, before any model is built or any output written: LISA with more active
+layers than the model has, an ``output_dir`` whose outputs would replace an input, LISA with
+ZeRO-3 (parameters are partitioned, so a layer cannot be frozen and unfrozen by
+``requires_grad``), and OneBitAdam with ZeRO > 0 (its compressed all-reduce replaces the
+gradient reduction that ZeRO partitions).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from finetune.lisa import LisaConfig
-from modular.config_io import ConfigError, from_dict, read_yaml
+from modular.checkpoint import check_output_dir
+from modular.config_io import ConfigError, from_dict, read_yaml, unknown_keys_error
 from modular.injections import get_injection, injection_kinds
 
-__all__ = ["Recipe", "describe", "load_recipe"]
+__all__ = ["Recipe", "describe", "load_recipe", "model_config"]
 
 DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".txt": "text"}
+OPTIMIZER_KEYS = {"learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "optim"}  # from `optimizer:`
 
 
 @dataclass
@@ -96,6 +103,16 @@ class OptimizerSection:
     def __post_init__(self) -> None:
         if self.freeze_step is not None and self.name != "onebit_adam":
             raise ValueError("`freeze_step` only applies to name: onebit_adam")
+        if self.freeze_step is not None and self.freeze_step < 1:
+            raise ValueError(f"freeze_step: {self.freeze_step!r} is not allowed; expected an integer >= 1")
+        for name, ok, expected in (
+            ("lr", self.lr > 0, "a number > 0"),
+            ("weight_decay", self.weight_decay >= 0, "a number >= 0"),
+            ("eps", self.eps > 0, "a number > 0"),
+            ("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "two numbers in [0, 1)"),
+        ):
+            if not ok:
+                raise ValueError(f"{name}: {getattr(self, name)!r} is not allowed; expected {expected}")
 
 
 @dataclass
@@ -179,7 +196,62 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     if recipe.deepspeed is not None:
         recipe.deepspeed = _deepspeed_config(base, recipe.deepspeed, f"{where}: deepspeed")
     _check_combinations(recipe, where)
+    _check_training(recipe.training, where)
+    _check_against_model(recipe, where)
+    _check_outputs_apart(recipe, where)
     return recipe
+
+
+def _check_training(training: dict, where: str) -> None:
+    """Every ``training:`` key is a ``TrainingArguments`` field (typos named), every number finite."""
+    from transformers import TrainingArguments
+
+    known = [f.name for f in dataclasses.fields(TrainingArguments) if f.init]
+    if set(training) - set(known):
+        raise unknown_keys_error(training, known, f"{where}: training", list_allowed=False)
+    for key, value in training.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{where}: training.{key}: {value!r} is not allowed; expected a finite number")
+
+
+def model_config(recipe: Recipe):
+    """The model's ``PretrainedConfig`` (from ``model.config``, or the folder's config.json), no weights."""
+    from transformers import AutoConfig
+
+    from modular.loading import read_config
+
+    if recipe.model.path is not None:
+        return read_config(recipe.model.path)[0]
+    settings = dict(recipe.model.config)
+    return AutoConfig.for_model(settings.pop("model_type"), **settings)
+
+
+def _check_against_model(recipe: Recipe, where: str) -> None:
+    """What the model's config decides, found before the model is built: LISA's layer count."""
+    try:
+        config = model_config(recipe)
+    except (ValueError, TypeError, KeyError) as err:
+        raise ConfigError(f"{where}: model: {err}") from None
+    layers = getattr(config, "num_hidden_layers", None)
+    if recipe.lisa is not None and layers is not None and recipe.lisa.num_active_layers > layers:
+        raise ConfigError(f"{where}: lisa.num_active_layers: {recipe.lisa.num_active_layers} is more than the "
+                          f"model's {layers} layers; expected 1 to {layers}")
+
+
+def _check_outputs_apart(recipe: Recipe, where: str) -> None:
+    """Outputs never touch inputs: ``output_dir/model`` (replaced on every run) and the checkpoints
+    (rotated away) may not hold, or lie inside, the model, tokenizer or data."""
+    out = Path(recipe.output_dir)
+    inputs = [recipe.model.path, recipe.model.tokenizer, recipe.data.train, recipe.data.eval]
+    try:
+        check_output_dir(out / "model", force=True, inputs=inputs)
+    except ValueError as err:
+        raise ConfigError(f"{where}: output_dir: {err}") from None
+    for value in filter(None, inputs):
+        inside = Path(value).relative_to(out).parts if Path(value).is_relative_to(out) else ()
+        if inside and inside[0].startswith("checkpoint-"):
+            raise ConfigError(f"{where}: output_dir: the input {value!r} lies in a checkpoint folder of the run, which "
+                              "training rotates away; copy it elsewhere or use another output_dir")
 
 
 def _check_combinations(recipe: Recipe, where: str) -> None:
@@ -198,6 +270,15 @@ def _check_combinations(recipe: Recipe, where: str) -> None:
     reserved = {"output_dir", "deepspeed", "optimizers", "resume_from_checkpoint"} & set(recipe.training)
     if reserved:
         raise ConfigError(f"{where}: training: {', '.join(sorted(reserved))} are set by the recipe itself, not under training")
+    owned = OPTIMIZER_KEYS & set(recipe.training)
+    if owned:
+        raise ConfigError(f"{where}: training: {', '.join(sorted(owned))} belong in the `optimizer:` section "
+                          "(name, lr, weight_decay, betas, eps), which both optimizers read")
+    if recipe.lisa is not None and stage in (1, 2) and recipe.optimizer.weight_decay:
+        raise ConfigError(f"{where}: lisa under ZeRO stage {stage} needs optimizer.weight_decay: 0 (frozen layers share "
+                          f"the flat fp32 partition, and decoupled weight decay would shrink them); got {recipe.optimizer.weight_decay}")
+    if recipe.optimizer.name == "onebit_adam" and recipe.optimizer.freeze_step is None and "max_steps" not in recipe.training:
+        raise ConfigError(f"{where}: optimizer.freeze_step: give it, or training.max_steps (its default is 15 % of max_steps)")
 
 
 def _check_precision(recipe: Recipe, where: str) -> None:

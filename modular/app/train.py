@@ -12,6 +12,7 @@ routing statistics, LISA schedule), ``lisa_schedule.json`` and ``loss.png``.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import signal
@@ -21,6 +22,8 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from modular.config_io import ConfigError
+
 from .recipe import Recipe, describe, load_recipe
 
 __all__ = ["run", "run_recipe"]
@@ -28,6 +31,15 @@ __all__ = ["run", "run_recipe"]
 
 def _is_distributed_launch() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _single_process_world() -> None:
+    """Started without a launcher, a run with a DeepSpeed config is a world of one process, set
+    up as ``deepspeed --num_gpus 1`` would (accelerate and DeepSpeed then find a process group)."""
+    from finetune.launch import free_port
+
+    if "LOCAL_RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
 
 
 def _build_model(recipe: Recipe) -> torch.nn.Module:
@@ -40,6 +52,22 @@ def _build_model(recipe: Recipe) -> torch.nn.Module:
         return load_model(recipe.model.path, dtype=dtype)
     config = dict(recipe.model.config)
     return AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config), dtype=dtype)
+
+
+def _tokenizer(recipe: Recipe):
+    """The recipe's tokenizer; one whose ids do not fit the model's embedding table is refused."""
+    from transformers import AutoTokenizer
+
+    from .recipe import model_config
+
+    tokenizer = AutoTokenizer.from_pretrained(recipe.model.tokenizer or recipe.model.path)
+    vocab_size = getattr(model_config(recipe), "vocab_size", None)
+    if vocab_size is not None and len(tokenizer) > vocab_size:
+        raise ValueError(f"{recipe.source}: model.tokenizer has {len(tokenizer)} tokens, more than the model's "
+                         f"vocab_size {vocab_size}; use a tokenizer of at most {vocab_size} tokens or a model with a larger vocabulary")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def _datasets(recipe: Recipe, tokenizer) -> dict:
@@ -95,7 +123,9 @@ def _inject(model: torch.nn.Module, recipe: Recipe, calibration: list[dict]) -> 
     for item in recipe.injections:
         kind = get_injection(item["kind"])
         model = kind.apply(model, kind.config(item["params"]), calibration if kind.needs_calibration else None)
-    return model
+    # A recipe fine-tunes the injected model: every parameter goes to the optimizer (LISA then picks
+    # the layers that train). Some kinds leave their modules frozen (acmize: conversion is done).
+    return model.requires_grad_(True)
 
 
 def _optimizer_args(recipe: Recipe, max_steps: int) -> dict:
@@ -115,7 +145,7 @@ class GracefulStop(TrainerCallback):
 
     def __init__(self) -> None:
         self.requested = False
-        signal.signal(signal.SIGTERM, self._on_signal)
+        self._previous = signal.signal(signal.SIGTERM, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
         print("modular train: SIGTERM received, saving a checkpoint and stopping", file=sys.stderr, flush=True)
@@ -126,6 +156,9 @@ class GracefulStop(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
         return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        signal.signal(signal.SIGTERM, self._previous)
 
 
 def _collator(recipe: Recipe, tokenizer):
@@ -159,23 +192,30 @@ def _training_arguments(recipe: Recipe, resume: str | None = None):
         settings.update(deepspeed=recipe.deepspeed, accelerator_config={"use_configured_state": True})
     elif not torch.cuda.is_available():
         settings.update(use_cpu=True, ddp_backend="gloo" if _is_distributed_launch() else None)
-    return TrainingArguments(**settings)
+    try:
+        return TrainingArguments(**settings)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{recipe.source}: training: {err}") from None
 
 
 def run_recipe(recipe: Recipe) -> Path:
     """Run one recipe to the end (or resume it); returns the final model folder."""
-    from transformers import AutoTokenizer, Trainer
     from transformers.trainer_utils import get_last_checkpoint
+
+    from .trainer import ModularTrainer, remove_incomplete_checkpoint
 
     if recipe.deepspeed is not None and not torch.cuda.is_available():
         from finetune.launch import cpu_deepspeed_state
 
+        _single_process_world()
         cpu_deepspeed_state()  # accelerate would otherwise see one process per rank on CPU
     print(f"modular train: {describe(recipe)}", flush=True)
+    if int(os.environ.get("RANK", "0")) == 0:
+        remove_incomplete_checkpoint(recipe.output_dir)  # a staging folder: never taken for a checkpoint
+    last = get_last_checkpoint(recipe.output_dir) if Path(recipe.output_dir).is_dir() else None
+    args = _training_arguments(recipe, last)  # bad `training:` values fail here, before any work
     torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(recipe.model.tokenizer or recipe.model.path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = _tokenizer(recipe)
     data = _datasets(recipe, tokenizer)
     for split, rows in data.items():
         if len(rows) == 0:
@@ -185,14 +225,12 @@ def run_recipe(recipe: Recipe) -> Path:
     calibration = [{"input_ids": torch.tensor(row["input_ids"])[None]} for row in data["train"].select(range(min(16, len(data["train"]))))]
     model = _inject(model, recipe, calibration)
 
-    last = get_last_checkpoint(recipe.output_dir) if Path(recipe.output_dir).is_dir() else None
-    args = _training_arguments(recipe, last)
     callbacks = [GracefulStop()]
     if any(i["kind"] == "adamoe" for i in recipe.injections):
         from finetune.aux_loss import MoEAuxLossCallback
 
         callbacks.append(MoEAuxLossCallback())
-    trainer = Trainer(
+    trainer = ModularTrainer(
         model=model,
         args=args,
         train_dataset=data["train"],
@@ -215,7 +253,7 @@ def run_recipe(recipe: Recipe) -> Path:
     trainer.train(resume_from_checkpoint=last)
     if any(cb.requested for cb in callbacks if isinstance(cb, GracefulStop)):
         print("modular train: stopped on request; re-run the same command to resume", flush=True)
-        return Path(last or recipe.output_dir)
+        return Path(get_last_checkpoint(recipe.output_dir) or recipe.output_dir)
     metrics = {"eval_loss": trainer.evaluate()["eval_loss"]} if data.get("eval") is not None else {}
     final = Path(recipe.output_dir) / "model"
     if trainer.is_world_process_zero():
@@ -250,6 +288,7 @@ def _write_outputs(trainer, tokenizer, final: Path, metrics: dict, eval_data) ->
 
 
 def _plot_loss(history: list[dict], path: Path) -> None:
+    from modular.checkpoint import atomic_write_text
     from modular.plotting import pyplot
 
     from .report import draw_losses
@@ -258,8 +297,10 @@ def _plot_loss(history: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     draw_losses(ax, history)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=110)
     plt.close(fig)
+    atomic_write_text(path, image.getvalue())
 
 
 def run(args: argparse.Namespace) -> int:

@@ -16,20 +16,12 @@ from modular.app.corpora import train_tokenizer
 from modular.app.recipe import load_recipe
 from modular.app.train import run_recipe
 from modular.surgery import injection_records
-
-TEXT = (
-    "A mixture of experts routes each token to a few experts. Null experts cost nothing. "
-    "Layerwise sampling trains a few layers at a time, and merging combines task models. "
-)
+from tests.tiny_inputs import TEXT, write_recipe_data
 
 
 @pytest.fixture
 def recipe_dir(tmp_path):
-    lines = [{"text": f"{TEXT} Sentence number {i}."} for i in range(40)]
-    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in lines[:32]))
-    (tmp_path / "eval.jsonl").write_text("\n".join(json.dumps(r) for r in lines[32:]))
-    train_tokenizer([TEXT]).save_pretrained(tmp_path / "tok")
-    return tmp_path
+    return write_recipe_data(tmp_path)
 
 
 TINY_RUN_RECIPE = {
@@ -109,7 +101,6 @@ def test_whole_stack_under_the_deepspeed_launcher(recipe_dir, write_recipe):
 
 
 def test_prompt_completion_rows_learn_the_completion_only(recipe_dir, write_recipe):
-    from modular.app.corpora import train_tokenizer
     from modular.app.train import _prompt_completion_rows
 
     tokenizer = train_tokenizer([TEXT])
