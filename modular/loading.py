@@ -55,18 +55,24 @@ def _model_class(config: transformers.PretrainedConfig, path: Path) -> type:
     return cls
 
 
-def load_model(path: str | os.PathLike, *, dtype: str | torch.dtype = "auto", **from_pretrained_kwargs) -> torch.nn.Module:
+def load_model(path: str | os.PathLike, *, model_class: type | None = None, dtype: str | torch.dtype = "auto",
+               **from_pretrained_kwargs) -> torch.nn.Module:
     """Load a ``save_pretrained`` folder, re-applying every modular-llm injection recorded in it.
 
-    Works for plain HF checkpoints too. ``dtype`` and other keyword arguments go to
-    transformers' ``from_pretrained``. Local folders only.
+    Works for plain HF checkpoints too. ``model_class``: the transformers class to build (an
+    ``Auto*`` class too), e.g. ``AutoModelForSequenceClassification`` to put a fresh head on a
+    saved backbone, injections included; default: the folder's own ``architectures`` entry.
+    Keyword arguments naming config attributes (``num_labels=3``) update the config, as in
+    ``from_pretrained``; the others, with ``dtype``, go to ``from_pretrained``. Local folders only.
     """
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"load_model: {str(path)!r} is not a folder (expected a save_pretrained output)")
     config, records = _read_config(path)
+    for key in [k for k in from_pretrained_kwargs if hasattr(config, k)]:
+        setattr(config, key, from_pretrained_kwargs.pop(key))
     checkpoint = SafetensorsCheckpoint(path)
-    model_class = _model_class(config, path)
+    model_class = model_class or _model_class(config, path)
 
     # The injected tensors are unknown to the base model: transformers would report them as
     # unexpected (and injected-away modules as missing) although step 4 loads them.
@@ -123,10 +129,19 @@ def _saved_names(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> di
     return names
 
 
+def _in_checkpoint(name: str, checkpoint: SafetensorsCheckpoint, prefix: str) -> str:
+    """``name`` as the checkpoint holds it: a model with a head (``bert.encoder...``) read from a
+    saved backbone (``encoder...``) finds its tensors without the base-model prefix."""
+    if name not in checkpoint and prefix and name.startswith(prefix) and name[len(prefix):] in checkpoint:
+        return name[len(prefix):]
+    return name
+
+
 def _load_injected_tensors(model: torch.nn.Module, checkpoint: SafetensorsCheckpoint, base_names: set[str]) -> None:
     state = model.state_dict()
     added = {name: tensor for name, tensor in state.items() if name not in base_names}
-    on_disk = _saved_names(model, added)
+    prefix = f"{model.base_model_prefix}." if model.base_model is not model else ""
+    on_disk = {name: _in_checkpoint(saved, checkpoint, prefix) for name, saved in _saved_names(model, added).items()}
     missing = [name for name in added if on_disk[name] not in checkpoint]
     if missing:
         raise CheckpointError(
