@@ -27,7 +27,7 @@ from modular.checkpoint import (
 )
 
 from .methods import ties_process
-from .sources import DEFAULT_SHARD_BYTES, as_source, check_compatible, first_mismatches
+from .sources import DEFAULT_SHARD_BYTES, as_source, backbone_view, check_compatible, first_mismatches
 
 __all__ = ["FORMAT", "TaskVector", "ties_processed"]
 
@@ -55,8 +55,11 @@ class TaskVector:
         """τ = finetuned − base. Each argument is a checkpoint folder, a module or a dict of tensors.
 
         ``exclude``: regex; matching names are left out (e.g. per-task heads, ``"^classifier\\."``).
+        A fine-tuned model that is ``base``'s backbone with a head (a ``*ForSequenceClassification``
+        trained from a saved backbone) gives the deltas of its backbone (:func:`merging.sources.backbone_view`).
         """
-        base_src, ft_src = as_source(base), as_source(finetuned)
+        base_src = as_source(base)
+        ft_src = backbone_view(base_src, as_source(finetuned))
         keep = [n for n in base_src.names() if not (exclude and re.search(exclude, n))]
         ft_keep = [n for n in ft_src.names() if not (exclude and re.search(exclude, n))]
         check_compatible(_Subset(base_src, keep), _Subset(ft_src, ft_keep), what="fine-tuned model")
