@@ -42,13 +42,17 @@ DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".txt": "text
 class ModelSection:
     """``task``: ``causal_lm`` (language modelling) or ``sequence_classification``: the saved
     model (injections included) gets a fresh head of ``num_labels`` classes (the family's
-    ``*ForSequenceClassification``); the data then needs a ``label_field``."""
+    ``*ForSequenceClassification``); the data then needs a ``label_field``. ``head_init``
+    (classification): ``probe`` fits the head on the frozen model's features of the train split
+    before fine-tuning (logistic regression, L2 chosen on the eval split: ``finetune.heads``),
+    ``random`` keeps transformers' initialisation."""
 
     path: str | None = None
     config: dict | None = None
     tokenizer: str | None = None
     task: Literal["causal_lm", "sequence_classification"] = "causal_lm"
     num_labels: int | None = None
+    head_init: Literal["probe", "random"] = "probe"
 
     def __post_init__(self) -> None:
         if (self.path is None) == (self.config is None):

@@ -212,6 +212,8 @@ def run_recipe(recipe: Recipe) -> Path:
     model = _inject(model, recipe, calibration)
     injected = {r["kind"] for r in injection_records(model)}  # the recipe's and those the saved model carries
 
+    collator = _collator(recipe, tokenizer)
+    probe = _fit_head(model, recipe, data, collator)
     args = _training_arguments(recipe)
     callbacks = [GracefulStop()]
     if recipe.lisa is not None:
@@ -227,7 +229,7 @@ def run_recipe(recipe: Recipe) -> Path:
         args=args,
         train_dataset=data["train"],
         eval_dataset=data.get("eval"),
-        data_collator=_collator(recipe, tokenizer),
+        data_collator=collator,
         callbacks=callbacks,
         compute_metrics=_accuracy if recipe.data.label_field else None,
         **_optimizer_args(recipe, args.max_steps),
@@ -247,10 +249,30 @@ def run_recipe(recipe: Recipe) -> Path:
     metrics = {k: v for k, v in trainer.evaluate().items() if k in ("eval_loss", "eval_accuracy")} if data.get("eval") is not None else {}
     if recipe.optimizer.name == "onebit_adam":
         metrics["onebit_adam_comm"] = _comm_stats(trainer, args.max_steps)
+    if probe is not None:
+        metrics["head_probe"] = probe
     final = Path(recipe.output_dir) / "model"
     if trainer.is_world_process_zero():
         _write_outputs(trainer, tokenizer, final, metrics, data.get("eval"))
     return final
+
+
+def _fit_head(model: torch.nn.Module, recipe: Recipe, data: dict, collator) -> dict | None:
+    """``head_init: probe``: the classification head fitted on the frozen model (every rank fits
+    the same one: same data, deterministic solver). Returns what was chosen."""
+    if recipe.model.task != "sequence_classification" or recipe.model.head_init != "probe":
+        return None
+    from torch.utils.data import DataLoader
+
+    from finetune.heads import fit_linear_probe
+
+    def batches(split):
+        return None if split not in data else DataLoader(data[split], batch_size=64, collate_fn=collator)
+
+    probe = fit_linear_probe(model, batches("train"), batches("eval"))
+    print(f"modular train: head fitted on the frozen model (L2 {probe['l2']:g}, train accuracy {probe['train_accuracy']:.3f})",
+          flush=True)
+    return probe
 
 
 def _comm_stats(trainer, max_steps: int) -> dict:
