@@ -32,6 +32,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -104,7 +105,7 @@ class DemoConfig:
             raise ValueError(f"adamerging_granularities: {sorted(bad)} not allowed; expected 'task' and/or 'layer'")
 
 
-BASE_LABEL = "base (injected MiniLM)"
+BASE_LABEL = "base (injected)"
 MERGE_LABELS = {"task_arithmetic": "task arithmetic", "ties": "TIES",
                 "adamerging_task": "AdaMerging (task-wise)", "adamerging_layer": "AdaMerging (layer-wise)"}
 
@@ -210,26 +211,56 @@ def training_arguments(cfg: DemoConfig, steps: int) -> dict:
 
 
 def finetune(cfg: DemoConfig, task: str, recipe: dict, out: Path) -> Path:
-    """One task model, trained by ``cfg.processes`` DeepSpeed processes. An unfinished run is
-    started again from scratch (a re-run then ends with the same model)."""
+    """One task model, trained by ``cfg.processes`` DeepSpeed processes. An unfinished run (no
+    ``done`` mark) is stopped if its processes still live, removed, and started again from
+    scratch, so that a re-run ends with the same model."""
     from finetune.launch import free_port
 
     run_dir = out / "runs" / task
-    if (run_dir / "metrics.json").is_file() and (run_dir / "model" / "config.json").is_file():
+    if (run_dir / "done").is_file():
         return run_dir / "model"
-    shutil.rmtree(run_dir, ignore_errors=True)
+    _discard(run_dir)
     path = write_yaml(run_dir / "recipe.yaml", recipe)
     launcher = Path(sys.executable).parent / "deepspeed"
     command = [str(launcher), "--num_gpus", str(cfg.processes), "--master_port", str(free_port()),
                "--module", "modular.app.train", str(path)]
     print("$ " + " ".join(command), flush=True)
     threads = str(max(1, (os.cpu_count() or 1) // cfg.processes))  # one rank per core: oversubscribed gloo ranks crawl
-    proc = subprocess.run(command, cwd=run_dir, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": threads})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": threads}
+    # its own process group, so that a later run can stop what an interrupted one left behind
+    proc = subprocess.Popen(command, cwd=run_dir, env=env, start_new_session=True)
+    atomic_write_text(run_dir / "launcher.pgid", str(proc.pid))
+    try:
+        status = proc.wait()
+    except BaseException:  # Ctrl-C, SIGTERM: stop the launcher and its ranks too
+        _stop_group(proc.pid, proc)
+        raise
     if not (run_dir / "metrics.json").is_file():
-        raise RuntimeError(f"fine-tuning {task} stopped before the end (exit status {proc.returncode}); re-run `modular demo`")
-    if proc.returncode != 0:
-        print(f"warning: the launcher exited with status {proc.returncode} after the model was written to {run_dir / 'model'}")
+        raise RuntimeError(f"fine-tuning {task} stopped before the end (exit status {status}); re-run `modular demo`")
+    if status != 0:
+        print(f"warning: the launcher exited with status {status} after the model was written to {run_dir / 'model'}")
+    atomic_write_text(run_dir / "done", "")
     return run_dir / "model"
+
+
+def _stop_group(pgid: int, child: subprocess.Popen | None = None) -> None:
+    """SIGKILL the process group ``pgid`` and wait (up to 30 s: unreaped zombies stay members)
+    until none of its processes runs; ``child``: our own process at its head, reaped here."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+        if child is not None:
+            child.wait()
+        for _ in range(150):
+            os.killpg(pgid, 0)
+            time.sleep(0.2)
+
+
+def _discard(run_dir: Path) -> None:
+    """Remove an unfinished run, after stopping the processes it may still have running."""
+    pgid = run_dir / "launcher.pgid"
+    if pgid.is_file():
+        _stop_group(int(pgid.read_text()))
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- 4. merge
@@ -422,13 +453,21 @@ def _run_encoder(cfg: DemoConfig, out: Path) -> dict:
 
 
 def print_summary(evaluation: dict, report: Path, seconds: float) -> None:
-    tasks = evaluation["tasks"]
+    tasks, rows = evaluation["tasks"], evaluation["models"]
+    encoder = evaluation["track"] == "encoder"
+    cost, title = ("compute_fraction", "FFN compute") if encoder else ("mean_experts_per_token", "experts/token")
     print(f"\nmodular demo: done in {seconds / 60:.1f} min")
-    print(f"{'model':<28}" + "".join(f"{t:>10}" for t in tasks) + f"{'average':>10}{'normalized':>12}{'FFN compute':>13}")
-    for label, row in evaluation["models"].items():
+    print(f"{'model':<28}" + "".join(f"{t:>10}" for t in tasks) + f"{'average':>10}{'normalized':>12}{title:>15}")
+    for label, row in rows.items():
         print(f"{label:<28}" + "".join(f"{row['accuracy'][t]:>10.3f}" for t in tasks)
-              + f"{row['average']:>10.3f}{row['normalized_average']:>12.3f}{row['compute_fraction']:>13.2f}")
-    print("(normalized: accuracy / the task's own task model; FFN compute: FLOPs per token / the dense model's)")
+              + f"{row['average']:>10.3f}{row['normalized_average']:>12.3f}{row[cost]:>15.2f}")
+    print("normalized: accuracy / the task's own task model's"
+          + ("; FFN compute: FFN FLOPs per token / the dense model's" if encoder else ""))
+    if not encoder:
+        print("share of each task model's gain over the base that a merge keeps:")
+        for label in MERGE_LABELS.values():
+            if label in rows:
+                print(f"{label:<28}" + "".join(f"{rows[label]['recovered'][t]:>10.2f}" for t in tasks))
     print(f"report: {report}")
 
 
