@@ -35,22 +35,28 @@ def classification_head(model: nn.Module) -> nn.Linear:
 @torch.no_grad()
 def head_features(model: nn.Module, batches: Iterable[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs of the classification head (N, d), labels (N,)) over ``batches`` (model inputs with
-    ``labels``), the model in eval mode."""
+    ``labels`` and ``attention_mask``), the model in eval mode. Decoder classifiers apply their
+    head to every position and read the last token's logits: there the last non-padding position
+    (right padding) is taken."""
     head = classification_head(model)
     seen: list[torch.Tensor] = []
     handle = head.register_forward_pre_hook(lambda _module, args: seen.append(args[0].detach().float()))
     was_training = model.training
     model.eval()
-    labels = []
+    features, labels = [], []
     try:
         for batch in batches:
             batch = dict(batch)
             labels.append(batch.pop("labels"))
             model(**batch)
+            x = seen.pop()
+            if x.dim() == 3:
+                x = x[torch.arange(len(x)), batch["attention_mask"].sum(1) - 1]
+            features.append(x)
     finally:
         handle.remove()
         model.train(was_training)
-    return torch.cat(seen), torch.cat(labels)
+    return torch.cat(features), torch.cat(labels)
 
 
 def _logistic_regression(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float, with_bias: bool) -> tuple[torch.Tensor, torch.Tensor]:

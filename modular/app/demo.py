@@ -448,7 +448,12 @@ def _run_encoder(cfg: DemoConfig, out: Path) -> dict:
 
     models = {BASE_LABEL: base, **{f"task model: {t}": p for t, p in task_models.items()},
               **{MERGE_LABELS[k]: p for k, p in merges.items()}}
-    table = {label: evaluator.test(backbone_state(path)) for label, path in tqdm(models.items(), desc="evaluate", unit="model")}
+    table = {}
+    for label, path in tqdm(models.items(), desc="evaluate", unit="model"):
+        state = backbone_state(path)
+        table[label] = evaluator.test(state)
+        if label in MERGE_LABELS.values():  # which merge a user would pick, without the test split
+            table[label]["validation_average"] = evaluator.validation_score(state)
     return finish_table(cfg, table, base_label=BASE_LABEL, grids=grids, track="encoder")
 
 

@@ -237,6 +237,11 @@ def run_causal(cfg: DemoConfig, out: Path) -> dict:
     _stage("6/6 evaluate every model on every task (test split), write the report")
     models = {"base (upcycled, AdaMoE)": base, **{f"task model: {t}": p for t, p in task_models.items()},
               **{MERGE_LABELS[k]: p for k, p in merges.items()}}
-    table = {label: evaluator.test(path) for label, path in tqdm(models.items(), desc="evaluate", unit="model")}
+    table = {}
+    for label, path in tqdm(models.items(), desc="evaluate", unit="model"):
+        table[label] = evaluator.test(path)
+        if label in MERGE_LABELS.values():  # which merge a user would pick, without the test split
+            validation = evaluator.accuracy(path, "validation")
+            table[label]["validation_average"] = sum(validation.values()) / len(validation)
     return finish_table(cfg, table, base_label="base (upcycled, AdaMoE)", grids=grids, track="causal",
                         extra={"base_top_k": cfg.causal.upcycle.get("top_k")})
