@@ -110,8 +110,26 @@ MERGE_LABELS = {"task_arithmetic": "task arithmetic", "ties": "TIES",
                 "adamerging_task": "AdaMerging (task-wise)", "adamerging_layer": "AdaMerging (layer-wise)"}
 
 
-def _stage(title: str) -> None:
-    print(f"\n=== {title} ===", flush=True)
+class Stages:
+    """Prints each stage's title and keeps how long each took in this invocation (``timings.json``)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._title, self._start = None, time.time()
+
+    def __call__(self, title: str) -> None:
+        self._stop()
+        self._title, self._start = title, time.time()
+        print(f"\n=== {title} ===", flush=True)
+
+    def _stop(self) -> None:
+        if self._title is not None:
+            self.seconds[self._title] = round(time.time() - self._start, 1)
+
+    def save(self, path: Path) -> None:
+        self._stop()
+        self._title = None
+        atomic_write_text(path, json.dumps(self.seconds, indent=2))
 
 
 def _write_jsonl(path: Path, rows) -> None:
@@ -416,34 +434,36 @@ def run_demo(out: Path, cfg: DemoConfig | None = None) -> Path:
     cfg = cfg or DemoConfig()
     out = Path(out).resolve()
     start = time.time()
+    stage = Stages()
     if cfg.track == "causal":
         from .demo_causal import run_causal
 
-        evaluation = run_causal(cfg, out)
+        evaluation = run_causal(cfg, out, stage)
     else:
-        evaluation = _run_encoder(cfg, out)
+        evaluation = _run_encoder(cfg, out, stage)
     from .report import write_report
 
     atomic_write_text(out / "evaluation.json", json.dumps(evaluation, indent=2))
     report = write_report([out], out / "report.html")
+    stage.save(out / "timings.json")
     print_summary(evaluation, report, time.time() - start)
     return report
 
 
-def _run_encoder(cfg: DemoConfig, out: Path) -> dict:
-    _stage("1/5 data: three text-classification tasks (GCIDE, apt index), train / validation / test")
+def _run_encoder(cfg: DemoConfig, out: Path, stage: Stages) -> dict:
+    stage("1/5 data: three text-classification tasks (GCIDE, apt index), train / validation / test")
     prepare_data(cfg, out / "data")
-    _stage("2/5 inject into all-MiniLM-L6-v2: experts blocks + AdaMoE null experts, ACMs in the other FFNs")
+    stage("2/5 inject into all-MiniLM-L6-v2: experts blocks + AdaMoE null experts, ACMs in the other FFNs")
     base = build_base(cfg, out)
     task_models = {}
     for i, task in enumerate(cfg.tasks):
-        _stage(f"3/5 fine-tune {task!r} ({i + 1}/{len(cfg.tasks)}): head fitted on the backbone, then LISA + 1-bit Adam, "
+        stage(f"3/5 fine-tune {task!r} ({i + 1}/{len(cfg.tasks)}): head fitted on the backbone, then LISA + 1-bit Adam, "
                f"DeepSpeed, {cfg.processes} processes")
         task_models[task] = finetune(cfg, task, classification_recipe(cfg, task, out), out)
-    _stage("4/5 merge (modular merge): task arithmetic and TIES (λ on validation), AdaMerging task- and layer-wise")
+    stage("4/5 merge (modular merge): task arithmetic and TIES (λ on validation), AdaMerging task- and layer-wise")
     evaluator = HeadEvaluator(cfg, task_models, out)
     merges, grids = merge_all(cfg, task_models, out, evaluator)
-    _stage("5/6 evaluate every backbone with every task's head on the test split, then the report")
+    stage("5/5 evaluate every backbone with every task's head on the test split, then the report")
     from tqdm.auto import tqdm
 
     models = {BASE_LABEL: base, **{f"task model: {t}": p for t, p in task_models.items()},

@@ -25,7 +25,7 @@ from modular.checkpoint import atomic_write_text
 from .demo import (
     MERGE_LABELS,
     DemoConfig,
-    _stage,
+    Stages,
     _write_jsonl,
     choose_lambda,
     classes,
@@ -212,20 +212,20 @@ def _adamerging(cfg: DemoConfig, out: Path, task_models: dict[str, Path], granul
     return target
 
 
-def run_causal(cfg: DemoConfig, out: Path) -> dict:
+def run_causal(cfg: DemoConfig, out: Path, stage: Stages) -> dict:
     from tqdm.auto import tqdm
 
-    _stage("1/6 data: GCIDE text, prompt/completion tasks (train / validation / test), tokenizer")
+    stage("1/6 data: GCIDE text, prompt/completion tasks (train / validation / test), tokenizer")
     prepare_data(cfg, out / "data")
-    _stage(f"2/6 pretrain a small llama on GCIDE text ({cfg.causal.pretrain_steps} steps)")
+    stage(f"2/6 pretrain a small llama on GCIDE text ({cfg.causal.pretrain_steps} steps)")
     pretrained = pretrain(cfg, out)
-    _stage("3/6 inject: upcycle to experts, AdaMoE null experts")
+    stage("3/6 inject: upcycle to experts, AdaMoE null experts")
     base = build_base(cfg, pretrained, out)
     task_models = {}
     for i, task in enumerate(cfg.tasks):
-        _stage(f"4/6 fine-tune {task!r} ({i + 1}/{len(cfg.tasks)}): LISA + 1-bit Adam, DeepSpeed, {cfg.processes} processes")
+        stage(f"4/6 fine-tune {task!r} ({i + 1}/{len(cfg.tasks)}): LISA + 1-bit Adam, DeepSpeed, {cfg.processes} processes")
         task_models[task] = finetune(cfg, task, finetune_recipe(cfg, task), out)
-    _stage("5/6 merge: task arithmetic and TIES (λ on validation, modular merge), AdaMerging on label words")
+    stage("5/6 merge: task arithmetic and TIES (λ on validation, modular merge), AdaMerging on label words")
     evaluator = LabelWordEvaluator(cfg, out)
     merges, grids = {}, {}
     for method in ("task_arithmetic", "ties"):
@@ -234,7 +234,7 @@ def run_causal(cfg: DemoConfig, out: Path) -> dict:
         merges[method] = run_merge_yaml(out, method, static_merge_doc(method, task_models, out, lam), header)
     for granularity in cfg.adamerging_granularities:
         merges[f"adamerging_{granularity}"] = _adamerging(cfg, out, task_models, granularity)
-    _stage("6/6 evaluate every model on every task (test split), write the report")
+    stage("6/6 evaluate every model on every task (test split), write the report")
     models = {"base (upcycled, AdaMoE)": base, **{f"task model: {t}": p for t, p in task_models.items()},
               **{MERGE_LABELS[k]: p for k, p in merges.items()}}
     table = {}
