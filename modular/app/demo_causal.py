@@ -22,11 +22,10 @@ from pathlib import Path
 
 from modular.checkpoint import atomic_write_text
 
-from .demo import (
+from .demo_common import (
     MERGE_LABELS,
     DemoConfig,
     Stages,
-    _write_jsonl,
     choose_lambda,
     classes,
     finetune,
@@ -35,6 +34,7 @@ from .demo import (
     run_merge_yaml,
     static_merge_doc,
     training_arguments,
+    write_jsonl,
     write_yaml,
 )
 
@@ -70,14 +70,14 @@ def prepare_data(cfg: DemoConfig, data_dir: Path) -> None:
     seen = []
     for name, task in tasks.items():
         for split in ("train", "validation", "test"):
-            _write_jsonl(data_dir / f"{name}_{split}.jsonl", _rows(name, task.classes, getattr(task, split)))
+            write_jsonl(data_dir / f"{name}_{split}.jsonl", _rows(name, task.classes, getattr(task, split)))
         atomic_write_text(data_dir / f"{name}_classes.json", json.dumps(task.classes))
         seen += [r["prompt"] + r["completion"] for r in _rows(name, task.classes, task.train[: settings.pretrain_task_examples])]
         print(f"task {name}: classes {task.classes}, {len(task.train)} train / {len(task.validation)} validation / {len(task.test)} test")
     pretrain_text = text[:-500] + seen
     random.Random(cfg.seed).shuffle(pretrain_text)
-    _write_jsonl(data_dir / "pretrain_train.jsonl", ({"text": t} for t in pretrain_text))
-    _write_jsonl(data_dir / "pretrain_eval.jsonl", ({"text": t} for t in text[-500:]))
+    write_jsonl(data_dir / "pretrain_train.jsonl", ({"text": t} for t in pretrain_text))
+    write_jsonl(data_dir / "pretrain_eval.jsonl", ({"text": t} for t in text[-500:]))
     atomic_write_text(data_dir / "done", "")
 
 
