@@ -40,8 +40,10 @@ CAUSAL_CONFIG = Path(__file__).resolve().parents[1] / "examples" / "demo" / "cau
 
 
 def _folder(cfg: DemoConfig) -> Path:
-    """Outputs of one configuration: keyed by every setting (the seed is its own sub-folder)."""
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "seed"}
+    """Outputs of one configuration: keyed by every setting its track reads (the seed is its own
+    sub-folder)."""
+    unread = {"seed"} | ({"causal"} if cfg.track == "encoder" else set())
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in unread}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     return OUT / f"{cfg.track}-{digest}" / f"seed{cfg.seed}"
 

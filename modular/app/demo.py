@@ -68,7 +68,9 @@ def prepare_data(cfg: DemoConfig, data_dir: Path) -> None:
     for name, task in tasks.items():
         for split in ("train", "validation", "test"):
             write_jsonl(data_dir / f"{name}_{split}.jsonl", ({"text": t, "label": y} for t, y in getattr(task, split)))
-        write_jsonl(data_dir / f"{name}_unlabelled.jsonl", ({"text": t} for t, _ in task.validation))
+        # by length, so that AdaMerging's batches (cut in file order) carry little padding
+        unlabelled = sorted((t for t, _ in task.validation), key=len)
+        write_jsonl(data_dir / f"{name}_unlabelled.jsonl", ({"text": t} for t in unlabelled))
         atomic_write_text(data_dir / f"{name}_classes.json", json.dumps(task.classes))
         print(f"task {name}: classes {task.classes}, {len(task.train)} train / {len(task.validation)} validation / "
               f"{len(task.test)} test")
@@ -145,8 +147,9 @@ def merge_all(cfg: DemoConfig, task_models: dict[str, Path], out: Path, evaluato
     for granularity in cfg.adamerging_granularities:
         doc = {"merge_method": "adamerging", "base_model": "base",
                "models": [{"model": str(p.relative_to(out)), "data": f"data/{t}_unlabelled.jsonl"} for t, p in task_models.items()],
-               "adamerging": {**cfg.adamerging, "granularity": granularity}}
-        header = "# AdaMerging, library defaults; each task model's head on its task's unlabelled validation inputs\n"
+               "adamerging": {"max_length": cfg.max_length, **cfg.adamerging, "granularity": granularity}}
+        header = ("# AdaMerging, library defaults (inputs cut at the fine-tuning max_length); each task model's head on\n"
+                  "# its task's unlabelled validation inputs\n")
         merges[f"adamerging_{granularity}"] = run_merge_yaml(out, f"adamerging_{granularity}", doc, header)
     return merges, grids
 
