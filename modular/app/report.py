@@ -140,8 +140,24 @@ def plot_lisa(runs: dict[str, dict]) -> str:
 
 
 def _layer_of(tensor: str) -> str:
-    match = re.search(r"layers\.(\d+)\.", tensor)
+    """The block a tensor belongs to, from the layer-list names the registry's families use
+    (llama ``layers.N``, BERT ``layer.N``, GPT-2 ``h.N``)."""
+    match = re.search(r"(?:^|\.)(?:layers|layer|h)\.(\d+)\.", tensor)
     return f"layer {int(match.group(1)):02d}" if match else ("embeddings" if "embed" in tensor else "head / norm")
+
+
+def _short_names(names: list[str]) -> list[str]:
+    """Task labels without the path parts they all share (``runs/pos/model`` -> ``pos``)."""
+    parts = [name.split("/") for name in names]
+    if len(parts) < 2:
+        return names
+    head = 0
+    while all(len(p) > head + 1 and p[head] == parts[0][head] for p in parts):
+        head += 1
+    tail = 0
+    while all(len(p) > head + tail + 1 and p[-1 - tail] == parts[0][-1 - tail] for p in parts):
+        tail += 1
+    return ["/".join(p[head : len(p) - tail]) for p in parts]
 
 
 def plot_coefficients(doc: dict) -> str:
@@ -153,7 +169,7 @@ def plot_coefficients(doc: dict) -> str:
     means = [[sum(col) / len(col) for col in zip(*rows[label])] for label in labels]
     plt, fig, (ax, ax2) = _figure(10, max(3.0, 0.35 * len(labels) + 1.5), 2)
     image = ax.imshow(means, aspect="auto", cmap="viridis", vmin=0, vmax=1)
-    ax.set_xticks(range(len(doc["tasks"])), doc["tasks"])
+    ax.set_xticks(range(len(doc["tasks"])), _short_names(doc["tasks"]))
     ax.set_yticks(range(len(labels)), labels)
     for r, values in enumerate(means):
         for c, value in enumerate(values):

@@ -231,3 +231,13 @@ def test_demo_config_is_checked_before_work(bad, match, tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "o"), "--config", str(path)]) == 2
     assert re.search(match, capsys.readouterr().err)
     assert not (tmp_path / "o").exists()
+
+
+def test_report_labels_layers_of_each_family_and_shortens_task_paths():
+    from modular.app.report import _layer_of, _short_names
+
+    assert [_layer_of(n) for n in ("encoder.layer.3.output.dense.weight", "model.layers.12.mlp.up_proj.weight",
+                                   "transformer.h.0.attn.c_attn.weight", "embeddings.word_embeddings.weight",
+                                   "pooler.dense.weight")] == ["layer 03", "layer 12", "layer 00", "embeddings", "head / norm"]
+    assert _short_names(["runs/pos/model", "runs/domain/model"]) == ["pos", "domain"]
+    assert _short_names(["./ft-a", "./ft-b"]) == ["ft-a", "ft-b"] and _short_names(["a"]) == ["a"]
