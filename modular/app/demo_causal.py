@@ -240,8 +240,8 @@ def run_causal(cfg: DemoConfig, out: Path, stage: Stages) -> dict:
     table = {}
     for label, path in tqdm(models.items(), desc="evaluate", unit="model"):
         table[label] = evaluator.test(path)
-        if label in MERGE_LABELS.values():  # which merge a user would pick, without the test split
-            validation = evaluator.accuracy(path, "validation")
-            table[label]["validation_average"] = sum(validation.values()) / len(validation)
+        # which merge, and which settings of this track, a user would pick without the test split
+        validation = table[label]["validation"] = evaluator.accuracy(path, "validation")
+        table[label]["validation_average"] = sum(validation.values()) / len(validation)
     return finish_table(cfg, table, base_label="base (upcycled, AdaMoE)", grids=grids, track="causal",
                         extra={"base_top_k": cfg.causal.upcycle.get("top_k")})
