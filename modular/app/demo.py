@@ -256,11 +256,9 @@ def _run_encoder(cfg: DemoConfig, out: Path, stage: Stages) -> dict:
     prepare_data(cfg, out / "data")
     stage("2/5 inject into all-MiniLM-L6-v2: experts blocks + AdaMoE null experts, ACMs in the other FFNs")
     base = build_base(cfg, out)
-    task_models = {}
-    for i, task in enumerate(cfg.tasks):
-        stage(f"3/5 fine-tune {task!r} ({i + 1}/{len(cfg.tasks)}): head fitted on the backbone, then LISA + 1-bit Adam, "
-               f"DeepSpeed, {cfg.processes} processes")
-        task_models[task] = finetune(cfg, task, classification_recipe(cfg, task, out), out)
+    stage(f"3/5 fine-tune {', '.join(cfg.tasks)}: each head fitted on the backbone, then LISA + 1-bit Adam, "
+          f"DeepSpeed, {cfg.processes} processes")
+    task_models = finetune(cfg, {task: classification_recipe(cfg, task, out) for task in cfg.tasks}, out)
     stage("4/5 merge (modular merge): task arithmetic and TIES (λ on validation), AdaMerging task- and layer-wise")
     evaluator = HeadEvaluator(cfg, task_models, out)
     merges, grids = merge_all(cfg, task_models, out, evaluator)

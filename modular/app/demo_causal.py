@@ -221,10 +221,8 @@ def run_causal(cfg: DemoConfig, out: Path, stage: Stages) -> dict:
     pretrained = pretrain(cfg, out)
     stage("3/6 inject: upcycle to experts, AdaMoE null experts")
     base = build_base(cfg, pretrained, out)
-    task_models = {}
-    for i, task in enumerate(cfg.tasks):
-        stage(f"4/6 fine-tune {task!r} ({i + 1}/{len(cfg.tasks)}): LISA + 1-bit Adam, DeepSpeed, {cfg.processes} processes")
-        task_models[task] = finetune(cfg, task, finetune_recipe(cfg, task), out)
+    stage(f"4/6 fine-tune {', '.join(cfg.tasks)}: LISA + 1-bit Adam, DeepSpeed, {cfg.processes} processes")
+    task_models = finetune(cfg, {task: finetune_recipe(cfg, task) for task in cfg.tasks}, out)
     stage("5/6 merge: task arithmetic and TIES (λ on validation, modular merge), AdaMerging on label words")
     evaluator = LabelWordEvaluator(cfg, out)
     merges, grids = {}, {}

@@ -129,37 +129,46 @@ def training_arguments(cfg: DemoConfig, steps: int) -> dict:
             "logging_steps": 5, "save_strategy": "no", "seed": cfg.seed, "data_seed": cfg.seed, "disable_tqdm": False}
 
 
-def finetune(cfg: DemoConfig, task: str, recipe: dict, out: Path) -> Path:
-    """One task model, trained by ``cfg.processes`` DeepSpeed processes. An unfinished run (no
-    ``done`` mark) is stopped if its processes still live, removed, and started again from
-    scratch, so that a re-run ends with the same model."""
+def finetune(cfg: DemoConfig, recipes: dict[str, dict], out: Path) -> dict[str, Path]:
+    """The task models (``runs/<task>/model``), trained by ``cfg.processes`` DeepSpeed processes:
+    one launch for every task not done yet, the recipes run one after the other (the start-up is
+    paid once). Runs without a ``done`` mark are left from an interrupted launch: its processes
+    are stopped if they still live, and the runs are redone from scratch, so that a re-run ends
+    with the same models."""
     from finetune.launch import free_port
 
-    run_dir = out / "runs" / task
-    if (run_dir / "done").is_file():
-        return run_dir / "model"
-    _discard(run_dir)
-    path = write_yaml(run_dir / "recipe.yaml", recipe)
-    launcher = Path(sys.executable).parent / "deepspeed"
-    command = [str(launcher), "--num_gpus", str(cfg.processes), "--master_port", str(free_port()),
-               "--module", "modular.app.train", str(path)]
-    print("$ " + " ".join(command), flush=True)
-    threads = str(max(1, (os.cpu_count() or 1) // cfg.processes))  # one rank per core: oversubscribed gloo ranks crawl
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": threads}
-    # its own process group, so that a later run can stop what an interrupted one left behind
-    proc = subprocess.Popen(command, cwd=run_dir, env=env, start_new_session=True)
-    atomic_write_text(run_dir / "launcher.pgid", str(proc.pid))
-    try:
-        status = proc.wait()
-    except BaseException:  # Ctrl-C, SIGTERM: stop the launcher and its ranks too
-        _stop_group(proc.pid, proc)
-        raise
-    if not (run_dir / "metrics.json").is_file():
-        raise RuntimeError(f"fine-tuning {task} stopped before the end (exit status {status}); re-run `modular demo`")
-    if status != 0:
-        print(f"warning: the launcher exited with status {status} after the model was written to {run_dir / 'model'}")
-    atomic_write_text(run_dir / "done", "")
-    return run_dir / "model"
+    runs = out / "runs"
+    todo = [task for task in recipes if not (runs / task / "done").is_file()]
+    if todo:
+        pgid = runs / "launcher.pgid"
+        if pgid.is_file():
+            _stop_group(int(pgid.read_text()))
+        for task in todo:
+            shutil.rmtree(runs / task, ignore_errors=True)
+        paths = [str(write_yaml(runs / task / "recipe.yaml", recipes[task])) for task in todo]
+        launcher = Path(sys.executable).parent / "deepspeed"
+        command = [str(launcher), "--num_gpus", str(cfg.processes), "--master_port", str(free_port()),
+                   "--module", "modular.app.train", *paths]
+        print("$ " + " ".join(command), flush=True)
+        threads = str(max(1, (os.cpu_count() or 1) // cfg.processes))  # one rank per core: oversubscribed gloo ranks crawl
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": threads}
+        # its own process group, so that a later run can stop what an interrupted one left behind
+        proc = subprocess.Popen(command, cwd=runs, env=env, start_new_session=True)
+        atomic_write_text(pgid, str(proc.pid))
+        try:
+            status = proc.wait()
+        except BaseException:  # Ctrl-C, SIGTERM: stop the launcher and its ranks too
+            _stop_group(proc.pid, proc)
+            raise
+        missing = [task for task in todo if not (runs / task / "metrics.json").is_file()]
+        if missing:
+            raise RuntimeError(f"fine-tuning {', '.join(missing)} stopped before the end (exit status {status}); re-run `modular demo`")
+        if status != 0:
+            print(f"warning: the launcher exited with status {status} after every model was written")
+        for task in todo:
+            atomic_write_text(runs / task / "done", "")
+        pgid.unlink()
+    return {task: runs / task / "model" for task in recipes}
 
 
 def _stop_group(pgid: int, child: subprocess.Popen | None = None) -> None:
@@ -172,14 +181,6 @@ def _stop_group(pgid: int, child: subprocess.Popen | None = None) -> None:
         for _ in range(150):
             os.killpg(pgid, 0)
             time.sleep(0.2)
-
-
-def _discard(run_dir: Path) -> None:
-    """Remove an unfinished run, after stopping the processes it may still have running."""
-    pgid = run_dir / "launcher.pgid"
-    if pgid.is_file():
-        _stop_group(int(pgid.read_text()))
-    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def run_merge_yaml(out: Path, name: str, doc: dict, header: str) -> Path:

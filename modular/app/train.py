@@ -1,4 +1,4 @@
-"""``modular train RECIPE.yaml``: the recipe runner (inject → fine-tune → save), read top to bottom.
+"""``modular train RECIPE.yaml...``: the recipe runner (inject → fine-tune → save), read top to bottom.
 
 Runs the same way in one process, under ``torchrun --nproc_per_node N -m modular.app.train
 RECIPE.yaml`` and under ``deepspeed --num_gpus N --module modular.app.train RECIPE.yaml``.
@@ -130,7 +130,10 @@ def _optimizer_args(recipe: Recipe, max_steps: int) -> dict:
 
 
 class GracefulStop(TrainerCallback):
-    """On SIGTERM, save a checkpoint after the current step and stop."""
+    """On SIGTERM, save a checkpoint after the current step and stop (``received``: a SIGTERM came
+    in this process, so the recipes after this one do not start)."""
+
+    received = False
 
     def __init__(self) -> None:
         self.requested = False
@@ -138,7 +141,7 @@ class GracefulStop(TrainerCallback):
 
     def _on_signal(self, signum, frame) -> None:
         print("modular train: SIGTERM received, saving a checkpoint and stopping", file=sys.stderr, flush=True)
-        self.requested = True
+        self.requested = GracefulStop.received = True
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.requested:
@@ -325,17 +328,28 @@ def _plot_loss(history: list[dict], path: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """``modular train RECIPE``."""
+    """``modular train RECIPE...``: the recipes one after the other in the same processes (a
+    launcher's start-up, e.g. DeepSpeed's, is paid once); all are checked before the first runs."""
     from finetune.launch import close_process_group
 
-    run_recipe(load_recipe(args.recipe))
+    recipes = [load_recipe(path) for path in args.recipes]
+    for i, recipe in enumerate(recipes):
+        if i:
+            from accelerate.state import AcceleratorState
+
+            # each recipe's Trainer builds its own Accelerator (DeepSpeed plugin included), which
+            # accelerate allows once per state: start the next from a clean one (the process group stays)
+            AcceleratorState._reset_state(reset_partial_state=False)
+        run_recipe(recipe)
+        if GracefulStop.received:
+            break
     close_process_group()
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m modular.app.train")
-    parser.add_argument("recipe")
+    parser.add_argument("recipes", nargs="+", metavar="recipe")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     return run(parser.parse_args(argv))
 

@@ -142,7 +142,7 @@ def test_sigkill_during_finetuning_then_rerun_gives_the_same_table(encoder_run, 
     config = str(_config(out))
     command = [sys.executable, "-m", "modular.app.cli", "demo", "--out", str(out), "--config", config]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    pgid = out / "runs" / "shape" / "launcher.pgid"
+    pgid = out / "runs" / "launcher.pgid"
     deadline = time.time() + 300
     while not pgid.is_file() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.5)
