@@ -38,13 +38,12 @@ from .demo_common import (
     MERGE_LABELS,
     DemoConfig,
     Stages,
-    choose_lambda,
     classes,
     finetune,
     finish_table,
     read_jsonl,
     run_merge_yaml,
-    static_merge_doc,
+    static_merges,
     training_arguments,
     write_jsonl,
 )
@@ -136,14 +135,13 @@ def merge_all(cfg: DemoConfig, task_models: dict[str, Path], out: Path, evaluato
     from merging import TaskVector, merge
 
     task_vectors = [TaskVector.from_models(out / "base", p, label=t) for t, p in task_models.items()]
-    merges, grids = {}, {}
-    for method in ("task_arithmetic", "ties"):
-        def score(lam: float, method=method) -> float:  # merged in memory by the same merging.merge
-            return evaluator.validation_score(merge(method, out / "base", task_vectors, lambda_=lam, progress=False))
 
-        lam, grids[method] = choose_lambda(method, out, cfg.lambda_grid, score)
-        header = f"# λ chosen on the validation split from {cfg.lambda_grid} (mean accuracy {grids[method][lam]:.3f})\n"
-        merges[method] = run_merge_yaml(out, method, static_merge_doc(method, task_models, out, lam), header)
+    def score_for(method: str):
+        def score(lam: float) -> float:  # merged in memory by the same merging.merge
+            return evaluator.validation_score(merge(method, out / "base", task_vectors, lambda_=lam, progress=False))
+        return score
+
+    merges, grids = static_merges(cfg, task_models, out, score_for)
     for granularity in cfg.adamerging_granularities:
         doc = {"merge_method": "adamerging", "base_model": "base",
                "models": [{"model": str(p.relative_to(out)), "data": f"data/{t}_unlabelled.jsonl"} for t, p in task_models.items()],

@@ -22,21 +22,8 @@ from pathlib import Path
 
 from modular.checkpoint import atomic_write_text
 
-from .demo_common import (
-    MERGE_LABELS,
-    DemoConfig,
-    Stages,
-    choose_lambda,
-    classes,
-    finetune,
-    finish_table,
-    read_jsonl,
-    run_merge_yaml,
-    static_merge_doc,
-    training_arguments,
-    write_jsonl,
-    write_yaml,
-)
+from . import demo_common as common
+from .demo_common import DemoConfig, Stages
 
 __all__ = ["run_causal"]
 
@@ -70,14 +57,14 @@ def prepare_data(cfg: DemoConfig, data_dir: Path) -> None:
     seen = []
     for name, task in tasks.items():
         for split in ("train", "validation", "test"):
-            write_jsonl(data_dir / f"{name}_{split}.jsonl", _rows(name, task.classes, getattr(task, split)))
+            common.write_jsonl(data_dir / f"{name}_{split}.jsonl", _rows(name, task.classes, getattr(task, split)))
         atomic_write_text(data_dir / f"{name}_classes.json", json.dumps(task.classes))
         seen += [r["prompt"] + r["completion"] for r in _rows(name, task.classes, task.train[: settings.pretrain_task_examples])]
         print(f"task {name}: classes {task.classes}, {len(task.train)} train / {len(task.validation)} validation / {len(task.test)} test")
     pretrain_text = text[:-500] + seen
     random.Random(cfg.seed).shuffle(pretrain_text)
-    write_jsonl(data_dir / "pretrain_train.jsonl", ({"text": t} for t in pretrain_text))
-    write_jsonl(data_dir / "pretrain_eval.jsonl", ({"text": t} for t in text[-500:]))
+    common.write_jsonl(data_dir / "pretrain_train.jsonl", ({"text": t} for t in pretrain_text))
+    common.write_jsonl(data_dir / "pretrain_eval.jsonl", ({"text": t} for t in text[-500:]))
     atomic_write_text(data_dir / "done", "")
 
 
@@ -100,11 +87,11 @@ def pretrain(cfg: DemoConfig, out: Path) -> Path:
                              "pad_token_id": 0}, "tokenizer": "../../data/tokenizer"},
         "data": {"train": "../../data/pretrain_train.jsonl", "eval": "../../data/pretrain_eval.jsonl", "max_length": 128},
         "optimizer": {"name": "adamw", "lr": settings.pretrain_lr, "weight_decay": 0.01},
-        "training": {**training_arguments(cfg, settings.pretrain_steps), "per_device_train_batch_size": 32,
+        "training": {**common.training_arguments(cfg, settings.pretrain_steps), "per_device_train_batch_size": 32,
                      "warmup_steps": max(1, settings.pretrain_steps // 10), "lr_scheduler_type": "cosine", "logging_steps": 10},
         "output_dir": ".",
     }
-    return run_recipe(load_recipe(write_yaml(run_dir / "recipe.yaml", recipe)))
+    return run_recipe(load_recipe(common.write_yaml(run_dir / "recipe.yaml", recipe)))
 
 
 def build_base(cfg: DemoConfig, pretrained: Path, out: Path) -> Path:
@@ -135,7 +122,7 @@ def finetune_recipe(cfg: DemoConfig, task: str) -> dict:
         "lisa": {"seed": cfg.seed, **cfg.lisa},
         "optimizer": {"name": "onebit_adam", "lr": cfg.causal.finetune_lr},
         "deepspeed": "onebit_zero0",
-        "training": training_arguments(cfg, cfg.finetune_steps),
+        "training": common.training_arguments(cfg, cfg.finetune_steps),
         "output_dir": ".",
     }
 
@@ -147,8 +134,8 @@ class LabelWordEvaluator:
         from merging.label_words import LabelWordTask
 
         self.tokenizer = _tokenizer(out)
-        self.tasks = {split: {t: LabelWordTask(t, [r["prompt"] for r in rows], classes(out, t), [r["label"] for r in rows])
-                              for t in cfg.tasks for rows in [read_jsonl(out / "data" / f"{t}_{split}.jsonl")]}
+        self.tasks = {split: {t: LabelWordTask(t, [r["prompt"] for r in rows], common.classes(out, t), [r["label"] for r in rows])
+                              for t in cfg.tasks for rows in [common.read_jsonl(out / "data" / f"{t}_{split}.jsonl")]}
                       for split in ("validation", "test")}
         self.batches = {split: {t: task.batches(self.tokenizer, 64) for t, task in tasks.items()} for split, tasks in self.tasks.items()}
 
@@ -204,7 +191,7 @@ def _adamerging(cfg: DemoConfig, out: Path, task_models: dict[str, Path], granul
     if (target / "config.json").is_file():
         return target
     tokenizer = _tokenizer(out)
-    tasks = [LabelWordTask(t, [r["prompt"] for r in read_jsonl(out / "data" / f"{t}_validation.jsonl")], classes(out, t)).entropy_task(tokenizer)
+    tasks = [LabelWordTask(t, [r["prompt"] for r in common.read_jsonl(out / "data" / f"{t}_validation.jsonl")], common.classes(out, t)).entropy_task(tokenizer)
              for t in task_models]
     settings = {k: v for k, v in cfg.adamerging.items() if k not in ("batch_size", "max_length")}
     torch.manual_seed(cfg.seed)
@@ -222,24 +209,20 @@ def run_causal(cfg: DemoConfig, out: Path, stage: Stages) -> dict:
     stage("3/6 inject: upcycle to experts, AdaMoE null experts")
     base = build_base(cfg, pretrained, out)
     stage(f"4/6 fine-tune {', '.join(cfg.tasks)}: LISA + 1-bit Adam, DeepSpeed, {cfg.processes} processes")
-    task_models = finetune(cfg, {task: finetune_recipe(cfg, task) for task in cfg.tasks}, out)
+    task_models = common.finetune(cfg, {task: finetune_recipe(cfg, task) for task in cfg.tasks}, out)
     stage("5/6 merge: task arithmetic and TIES (λ on validation, modular merge), AdaMerging on label words")
     evaluator = LabelWordEvaluator(cfg, out)
-    merges, grids = {}, {}
-    for method in ("task_arithmetic", "ties"):
-        lam, grids[method] = choose_lambda(method, out, cfg.lambda_grid, _merge_score(method, out, task_models, evaluator))
-        header = f"# λ chosen on the validation split from {cfg.lambda_grid} (mean accuracy {grids[method][lam]:.3f})\n"
-        merges[method] = run_merge_yaml(out, method, static_merge_doc(method, task_models, out, lam), header)
+    merges, grids = common.static_merges(cfg, task_models, out, lambda method: _merge_score(method, out, task_models, evaluator))
     for granularity in cfg.adamerging_granularities:
         merges[f"adamerging_{granularity}"] = _adamerging(cfg, out, task_models, granularity)
     stage("6/6 evaluate every model on every task (test split), write the report")
     models = {"base (upcycled, AdaMoE)": base, **{f"task model: {t}": p for t, p in task_models.items()},
-              **{MERGE_LABELS[k]: p for k, p in merges.items()}}
+              **{common.MERGE_LABELS[k]: p for k, p in merges.items()}}
     table = {}
     for label, path in tqdm(models.items(), desc="evaluate", unit="model"):
         table[label] = evaluator.test(path)
         # which merge, and which settings of this track, a user would pick without the test split
         validation = table[label]["validation"] = evaluator.accuracy(path, "validation")
         table[label]["validation_average"] = sum(validation.values()) / len(validation)
-    return finish_table(cfg, table, base_label="base (upcycled, AdaMoE)", grids=grids, track="causal",
+    return common.finish_table(cfg, table, base_label="base (upcycled, AdaMoE)", grids=grids, track="causal",
                         extra={"base_top_k": cfg.causal.upcycle.get("top_k")})

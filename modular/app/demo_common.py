@@ -20,7 +20,7 @@ import yaml
 from modular.checkpoint import atomic_write_text
 
 __all__ = ["CausalSettings", "DemoConfig", "MERGE_LABELS", "Stages", "choose_lambda", "classes", "finetune", "finish_table",
-           "read_jsonl", "run_merge_yaml", "static_merge_doc", "training_arguments", "write_jsonl", "write_yaml"]
+           "read_jsonl", "run_merge_yaml", "static_merges", "training_arguments", "write_jsonl", "write_yaml"]
 
 
 @dataclass
@@ -198,9 +198,17 @@ def run_merge_yaml(out: Path, name: str, doc: dict, header: str) -> Path:
     return target
 
 
-def static_merge_doc(method: str, task_models: dict[str, Path], out: Path, lam: float) -> dict:
-    return {"merge_method": method, "base_model": "base", "parameters": {"lambda": lam},
-            "models": [{"model": str(path.relative_to(out))} for path in task_models.values()]}
+def static_merges(cfg: DemoConfig, task_models: dict[str, Path], out: Path, score_for) -> tuple[dict[str, Path], dict]:
+    """Task arithmetic and TIES, each at the λ of ``cfg.lambda_grid`` with the best mean validation
+    accuracy (``score_for(method)(λ)``), through ``modular merge``; and the grids' scores."""
+    merges, grids = {}, {}
+    for method in ("task_arithmetic", "ties"):
+        lam, grids[method] = choose_lambda(method, out, cfg.lambda_grid, score_for(method))
+        header = f"# λ chosen on the validation split from {cfg.lambda_grid} (mean accuracy {grids[method][lam]:.3f})\n"
+        doc = {"merge_method": method, "base_model": "base", "parameters": {"lambda": lam},
+               "models": [{"model": str(path.relative_to(out))} for path in task_models.values()]}
+        merges[method] = run_merge_yaml(out, method, doc, header)
+    return merges, grids
 
 
 def choose_lambda(method: str, out: Path, grid: list[float], score) -> tuple[float, dict]:
