@@ -15,9 +15,15 @@ $(STAMP): setup.cfg pyproject.toml
 	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation -e '.[all,bench,dev]'
 	touch $@
 
-# The demo's real text: the GCIDE dictionary, Debian package dict-gcide.
+# The demo's real data: the GCIDE dictionary (Debian package dict-gcide) and apt's package index
+# (the `software` task; lz4cat reads it where apt stores it lz4-compressed).
 $(GCIDE):
 	apt-get install -y -q dict-gcide || sudo apt-get install -y -q dict-gcide
+
+.PHONY: apt-index
+apt-index:
+	@ls /var/lib/apt/lists/*_Packages* >/dev/null 2>&1 || apt-get update -q || sudo apt-get update -q
+	@command -v lz4cat >/dev/null || apt-get install -y -q lz4 || sudo apt-get install -y -q lz4
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
@@ -25,7 +31,7 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check modular moe merging finetune tests benchmarks examples
 
-demo: setup $(GCIDE)
+demo: setup apt-index $(GCIDE)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/modular demo
 
 # On a CUDA machine: install the GPU extras (DeepSpeed, megablocks + grouped_gemm) over a CUDA build

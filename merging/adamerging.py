@@ -307,12 +307,20 @@ def adamerge_folders(
         check_output_dir(out, force=merge_kwargs.get("force", False),
                          inputs=[base, *finetuned.values(), merge_kwargs.get("tokenizer_source")])
     model = load_model(base, dtype=torch.float32)
-    task_vectors = [_parameter_deltas(model, load_model(path, dtype=torch.float32), label) for label, path in finetuned.items()]
+    task_vectors = [_parameter_deltas(model, _backbone(load_model(path, dtype=torch.float32), model), label)
+                    for label, path in finetuned.items()]
     result = adamerge(model, task_vectors, tasks, config, progress=progress)
     if out is not None:
         on_disk = [TaskVector.from_models(base, path, label=label) for label, path in finetuned.items()]
         result.merge(base, on_disk, saved_names=saved_tensor_names(model), out=out, progress=progress, **merge_kwargs)
     return result
+
+
+def _backbone(finetuned: torch.nn.Module, base: torch.nn.Module) -> torch.nn.Module:
+    """``finetuned``'s backbone when it is ``base``'s class with a head (a classifier fine-tuned
+    from a saved backbone; heads are not merged), else ``finetuned``."""
+    inner = finetuned.base_model
+    return inner if inner is not finetuned and type(inner) is type(base) else finetuned
 
 
 def _parameter_deltas(base: torch.nn.Module, finetuned: torch.nn.Module, label: str) -> TaskVector:

@@ -134,7 +134,7 @@ class MergeConfig:
     def _check_adamerging(self) -> None:
         missing = [m.model for m in self.models if not m.data]
         if missing:
-            raise ValueError(f"models: adamerging needs unlabelled data; give `data:` (a text file, one prompt a line) for {missing}")
+            raise ValueError(f"models: adamerging needs unlabelled data; give `data:` (a .txt file with one input a line, or a .jsonl with a 'text' field) for {missing}")
         if self.parameters or any(m.parameters for m in self.models):
             raise ValueError("parameters: adamerging learns its coefficients; set its options in the `adamerging:` section")
         if self.adamerging is None:

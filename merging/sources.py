@@ -15,7 +15,7 @@ import torch
 
 from modular.checkpoint import SafetensorsCheckpoint
 
-__all__ = ["DTYPES", "DictSource", "as_source", "check_compatible", "first_mismatches", "parse_size"]
+__all__ = ["DTYPES", "DictSource", "as_source", "backbone_view", "check_compatible", "first_mismatches", "parse_size"]
 
 DEFAULT_SHARD_BYTES = 500 * 2**20
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -77,6 +77,47 @@ def as_source(obj) -> Source:
     if isinstance(obj, (str, os.PathLike)):
         return SafetensorsCheckpoint(obj)
     raise TypeError(f"cannot read tensors from {type(obj).__name__}; give a folder, a module or a dict of tensors")
+
+
+class _Prefixed:
+    """``source``'s tensors ``prefix + name``, seen under ``name``."""
+
+    def __init__(self, source, prefix: str, names: list[str]):
+        self.source, self.prefix, self._names = source, prefix, names
+
+    def names(self) -> list[str]:
+        return self._names
+
+    def shape(self, name: str) -> torch.Size:
+        return self.source.shape(self.prefix + name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.source.dtype(self.prefix + name)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.source.get(self.prefix + name)
+
+    def config(self) -> dict | None:
+        return self.source.config()
+
+    def __repr__(self) -> str:
+        return f"{self.source!r} (backbone)"
+
+
+def backbone_view(base: Source, other: Source):
+    """``other`` as ``base`` names its tensors, when ``other`` is ``base``'s backbone with a head
+    (e.g. a ``*ForSequenceClassification`` fine-tuned from a saved ``BertModel``: every base
+    tensor under one prefix such as ``bert.``, plus head tensors outside that prefix, which are
+    left out: heads are not merged). Otherwise ``other`` itself."""
+    base_names, other_names = base.names(), set(other.names())
+    if not base_names or base_names[0] in other_names:
+        return other
+    first = base_names[0]
+    for prefix in {n[: -len(first)] for n in other_names if n.endswith("." + first)}:
+        rest = [n for n in other_names if not n.startswith(prefix)]
+        if all(prefix + n in other_names for n in base_names) and len(rest) + len(base_names) == len(other_names):
+            return _Prefixed(other, prefix, base_names)
+    return other
 
 
 def first_mismatches(items: list[str], limit: int = 5) -> str:

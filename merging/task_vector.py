@@ -33,7 +33,7 @@ from modular.checkpoint import (
 )
 
 from .methods import ties_process
-from .sources import DEFAULT_SHARD_BYTES, as_source, check_compatible, first_mismatches
+from .sources import DEFAULT_SHARD_BYTES, as_source, backbone_view, check_compatible, first_mismatches
 
 __all__ = ["FORMAT", "TaskVector", "is_task_vector", "open_model", "ties_processed"]
 
@@ -64,11 +64,14 @@ class TaskVector:
         """τ = finetuned − base. Each argument is a checkpoint folder, a module or a dict of tensors.
 
         ``exclude``: regex; matching names are left out (e.g. per-task heads, ``"^classifier\\."``).
+        A fine-tuned model that is ``base``'s backbone with a head (a ``*ForSequenceClassification``
+        trained from a saved backbone) gives the deltas of its backbone (:func:`merging.sources.backbone_view`).
         """
         for what, model in (("base", base), ("fine-tuned model", finetuned)):
             if isinstance(model, (str, os.PathLike)) and is_task_vector(model):
                 raise ValueError(f"{what} {str(model)!r} is a saved task vector, not a model; use TaskVector.load")
-        base_src, ft_src = as_source(base), as_source(finetuned)
+        base_src = as_source(base)
+        ft_src = backbone_view(base_src, as_source(finetuned))
         keep = [n for n in base_src.names() if not (exclude and re.search(exclude, n))]
         ft_keep = [n for n in ft_src.names() if not (exclude and re.search(exclude, n))]
         check_compatible(_Subset(base_src, keep), _Subset(ft_src, ft_keep), what="fine-tuned model")

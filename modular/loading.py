@@ -70,21 +70,30 @@ def _model_class(config: transformers.PretrainedConfig, path: Path) -> type:
     return cls
 
 
-def load_model(path: str | os.PathLike, *, dtype: str | torch.dtype = "auto", strict: bool = True,
-               **from_pretrained_kwargs) -> torch.nn.Module:
+def load_model(path: str | os.PathLike, *, model_class: type | None = None, dtype: str | torch.dtype = "auto",
+               strict: bool = True, **from_pretrained_kwargs) -> torch.nn.Module:
     """Load a ``save_pretrained`` folder, re-applying every modular-llm injection recorded in it.
 
-    Works for plain HF checkpoints too. ``dtype`` and other keyword arguments go to
-    transformers' ``from_pretrained``. Local folders only. ``strict``: a tensor the model needs
-    and the folder lacks, or one the folder holds and the model does not read, is an error
-    (``False``: a warning, and the model keeps its initial values there).
+    Works for plain HF checkpoints too. ``model_class``: the transformers class to build (an
+    ``Auto*`` class too), e.g. ``AutoModelForSequenceClassification`` to put a fresh head on a
+    saved backbone, injections included; default: the folder's own ``architectures`` entry.
+    Keyword arguments naming config attributes (``num_labels=3``) update the config, as in
+    ``from_pretrained``; the others, with ``dtype``, go to ``from_pretrained``. Local folders only.
+    ``strict``: a tensor the model needs and the folder lacks, or one the folder holds and the
+    model does not read, is an error (``False``: a warning, and the model keeps its initial
+    values there); with another ``model_class``, tensors outside the base model (heads) are
+    exempt, as they are new or dropped on purpose.
     """
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"load_model: {str(path)!r} is not a folder (expected a save_pretrained output)")
     config, records = read_config(path)
+    for key in [k for k in from_pretrained_kwargs if hasattr(config, k)]:
+        setattr(config, key, from_pretrained_kwargs.pop(key))
     checkpoint = SafetensorsCheckpoint(path)
-    model_class = _model_class(config, path)
+    own_class = _model_class(config, path) if model_class is None or not _is_auto(model_class) else None
+    new_head = model_class is not None and model_class is not own_class
+    model_class = model_class or own_class
 
     # The injected tensors are unknown to the base model: transformers would report them as
     # unexpected (and injected-away modules as missing); step 5 accounts for them instead.
@@ -105,17 +114,25 @@ def load_model(path: str | os.PathLike, *, dtype: str | torch.dtype = "auto", st
         if rebuilt != [r["kind"] for r in records]:
             raise InjectionError(f"{path}: rebuilding injections {[r['kind'] for r in records]} recorded {rebuilt} instead")
         injected = _load_injected_tensors(model, checkpoint, base_names)
-    _account_for_tensors(model, info, injected, path, strict)
+    _account_for_tensors(model, info, injected, path, strict, head_exempt=new_head)
     model.eval()
     return model
 
 
-def _account_for_tensors(model: torch.nn.Module, info: dict, injected: set[str], path: Path, strict: bool) -> None:
+def _is_auto(cls: type) -> bool:
+    return cls.__name__.startswith("Auto")
+
+
+def _account_for_tensors(model: torch.nn.Module, info: dict, injected: set[str], path: Path, strict: bool,
+                         head_exempt: bool = False) -> None:
     """Raise (or warn) when transformers left a tensor of the final model unloaded, or a tensor of
-    the folder unread, that the injections did not account for."""
+    the folder unread, that the injections did not account for (``head_exempt``: tensors outside
+    the base model are a head put on, or left off, on purpose)."""
     state = set(model.state_dict())
-    missing = sorted(n for n in info["missing_keys"] if n in state and n not in injected)
-    unused = sorted(n for n in info["unexpected_keys"] if n not in injected)
+    prefix = f"{model.base_model_prefix}." if model.base_model is not model else ""
+    exempt = (lambda n: bool(prefix) and not n.startswith(prefix)) if head_exempt else (lambda n: False)
+    missing = sorted(n for n in info["missing_keys"] if n in state and n not in injected and not exempt(n))
+    unused = sorted(n for n in info["unexpected_keys"] if n not in injected and not exempt(n))
     mismatched = sorted(str(m[0] if isinstance(m, tuple) else m) for m in info.get("mismatched_keys", ()))
     problems = [
         f"{len(names)} {what}: {_first(names)}"
@@ -190,11 +207,20 @@ def _saved_names(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> di
     return names
 
 
+def _in_checkpoint(name: str, checkpoint: SafetensorsCheckpoint, prefix: str) -> str:
+    """``name`` as the checkpoint holds it: a model with a head (``bert.encoder...``) read from a
+    saved backbone (``encoder...``) finds its tensors without the base-model prefix."""
+    if name not in checkpoint and prefix and name.startswith(prefix) and name[len(prefix):] in checkpoint:
+        return name[len(prefix):]
+    return name
+
+
 def _load_injected_tensors(model: torch.nn.Module, checkpoint: SafetensorsCheckpoint, base_names: set[str]) -> set[str]:
     """Read the tensors the injections added (by name); returns their names in the model."""
     state = model.state_dict()
     added = {name: tensor for name, tensor in state.items() if name not in base_names}
-    on_disk = _saved_names(model, added)
+    prefix = f"{model.base_model_prefix}." if model.base_model is not model else ""
+    on_disk = {name: _in_checkpoint(saved, checkpoint, prefix) for name, saved in _saved_names(model, added).items()}
     missing = [name for name in added if on_disk[name] not in checkpoint]
     if missing:
         raise CheckpointError(

@@ -39,7 +39,8 @@ class ArchitectureSpec:
     Attributes:
         layers: path from ``model.base_model`` to the ``nn.ModuleList`` of decoder/encoder blocks.
         mlp: path inside a block to its feed-forward module: a dense MLP, or an MoE block for
-            MoE families (some families mix both; a block counts as MoE when it has ``router``).
+            MoE families (some families mix both; a block counts as MoE when it has ``router``,
+            or when it is an injected experts block declaring ``moe_paths``).
         mlp_output: for FFNs split over two modules (BERT: ``intermediate`` then
             ``output.dense``), the path inside a block to the second one; ``None`` otherwise.
         router: path inside an MoE block to its router (``None`` for dense families).
@@ -160,8 +161,18 @@ class ModelArchitecture:
     def _in_layers(self, path: str, what: str) -> list[tuple[str, nn.Module]]:
         return [(f"{name}.{path}", _resolve(layer, path, what)) for name, layer in zip(self.layer_names, self.layers)]
 
+    def moe_paths(self, block: nn.Module) -> tuple[str, str] | None:
+        """(router, experts) paths inside an MoE block: those an injected experts block declares
+        (its ``moe_paths`` attribute, e.g. ``moe.ffn_experts`` in a dense family), else the
+        family's; ``None`` when ``block`` is a dense FFN."""
+        declared = getattr(block, "moe_paths", None)
+        if declared is not None:
+            return declared
+        paths = (self.spec.router, self.spec.experts)
+        return paths if self.spec.has_moe and all(hasattr(block, p.split(".")[0]) for p in paths) else None
+
     def is_moe_block(self, module: nn.Module) -> bool:
-        return self.spec.has_moe and all(hasattr(module, p.split(".")[0]) for p in (self.spec.router, self.spec.experts))
+        return self.moe_paths(module) is not None
 
     def feed_forwards(self) -> list[tuple[str, nn.Module]]:
         """Each block's feed-forward module (dense MLP or MoE block), in layer order."""
@@ -182,10 +193,14 @@ class ModelArchitecture:
         return [(n, m) for n, m in self.feed_forwards() if self.is_moe_block(m)]
 
     def routers(self) -> list[tuple[str, nn.Module]]:
-        return [(f"{n}.{self.spec.router}", _resolve(m, self.spec.router, "router")) for n, m in self.moe_blocks()]
+        return [self._in_block(n, m, 0, "router") for n, m in self.moe_blocks()]
 
     def experts(self) -> list[tuple[str, nn.Module]]:
-        return [(f"{n}.{self.spec.experts}", _resolve(m, self.spec.experts, "experts")) for n, m in self.moe_blocks()]
+        return [self._in_block(n, m, 1, "experts") for n, m in self.moe_blocks()]
+
+    def _in_block(self, name: str, block: nn.Module, which: int, what: str) -> tuple[str, nn.Module]:
+        path = self.moe_paths(block)[which]
+        return f"{name}.{path}", _resolve(block, path, what)
 
     @property
     def input_embeddings(self) -> nn.Module:

@@ -13,6 +13,7 @@ from modular.surgery import find_modules, record_injection, replace_module
 
 from . import experts as _experts  # noqa: F401  (registers the "modular"/"megablocks" experts implementations)
 from .config import AdaMoEConfig
+from .ffn_experts import set_experts_implementation
 from .router import is_adamoe_router, make_adamoe_router
 
 __all__ = ["inject_adamoe", "adamoe_routers"]
@@ -24,8 +25,8 @@ def _target_routers(model: nn.Module, config: AdaMoEConfig) -> list[tuple[str, n
     arch = architecture_of(model)  # unknown families raise UnknownArchitectureError here
     if not arch.moe_blocks():
         raise ValueError(
-            f"inject_adamoe: this {arch.model_type} model has no MoE blocks; make one with "
-            f"moe.upcycle_to_moe(model, num_experts=..., top_k=...) first"
+            f"inject_adamoe: this {arch.model_type} model has no MoE blocks; make them first with "
+            f"moe.upcycle_to_moe(model, num_experts=..., top_k=...) or moe.inject_ffn_experts(model, ...)"
         )
     routers = find_modules(model, role="router")
     if config.layers is None:
@@ -93,7 +94,7 @@ def inject_adamoe(model: nn.Module, config: AdaMoEConfig | dict | None = None) -
                 rows = torch.arange(config.num_null_experts, device=router.weight.device) % n
                 new.null_weight.copy_(router.weight[rows])
         replace_module(model, name, new)
-    model.set_experts_implementation(config.experts_implementation)
+    set_experts_implementation(model, config.experts_implementation)
     targets = [name for name, _ in targets]
     record_injection(model, KIND, asdict(config), targets)
     return targets

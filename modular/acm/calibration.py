@@ -20,7 +20,7 @@ from .config import ACMConfig
 from .layer import ACMLayer, gate_labels
 from .sites import FFNSite, new_layer
 
-__all__ = ["calibration_batches", "convert_site", "distill", "distillation_loss", "prefix_errors", "train_gate"]
+__all__ = ["cache_ffn_io", "calibration_batches", "convert_site", "distill", "distillation_loss", "prefix_errors", "train_gate"]
 
 _LABEL_CHUNK = 4096  # tokens per chunk when labelling the cache (bounds the (T, N+1, d) prefixes)
 
@@ -32,15 +32,16 @@ class _StopForward(Exception):
 def calibration_batches(calibration_data: Iterable) -> list[dict]:
     batches = [b if isinstance(b, dict) else {"input_ids": b} for b in calibration_data]
     if not batches:
-        raise ValueError("acmize: calibration_data is empty; give a list of batches (dicts of model inputs, or input_ids tensors)")
+        raise ValueError("calibration_data is empty; give a list of batches (dicts of model inputs, or input_ids tensors)")
     if not all(isinstance(b.get("input_ids"), torch.Tensor) for b in batches):
-        raise ValueError("acmize: every calibration batch needs an `input_ids` tensor")
+        raise ValueError("calibration_data: every batch needs an `input_ids` tensor")
     return batches
 
 
 @torch.no_grad()
-def _cache(model: nn.Module, site: FFNSite, batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and outputs (T, d) of the FFN at ``site`` on the calibration tokens (padding dropped)."""
+def cache_ffn_io(model: nn.Module, site: FFNSite, batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and outputs (T, d) of the FFN at ``site`` on the calibration tokens (padding dropped; the
+    forward stops right after the FFN)."""
     device = next(model.parameters()).device
     xs, ys, current = [], [], {}
     first = model.get_submodule(site.name)
@@ -70,7 +71,7 @@ def _cache(model: nn.Module, site: FFNSite, batches: list[dict]) -> tuple[torch.
             h.remove()
     x, y = torch.cat(xs), torch.cat(ys)
     if not len(x):
-        raise ValueError("acmize: calibration_data holds no (unmasked) tokens")
+        raise ValueError("calibration_data holds no (unmasked) tokens")
     return x, y
 
 
@@ -154,7 +155,7 @@ def train_gate(layer: ACMLayer, x: torch.Tensor, labels: torch.Tensor, config: A
 
 
 def convert_site(model: nn.Module, site: FFNSite, batches: list[dict], config: ACMConfig, generator: torch.Generator) -> tuple[ACMLayer, dict]:
-    x, y = _cache(model, site, batches)
+    x, y = cache_ffn_io(model, site, batches)
     layer = new_layer(site, config)
     if config.init == "dense":
         _init_from_dense(layer, site, x)

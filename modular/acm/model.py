@@ -21,23 +21,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..injections import InjectionKind, register_injection
-from ..surgery import record_injection, replace_module, update_injection_records
+from ..surgery import record_injection, update_injection_records
 from .calibration import calibration_batches, convert_site
 from .config import ACMConfig
 from .layer import ACMLayer
-from .sites import FFNSite, ffn_sites, new_layer
+from .sites import ffn_sites, new_layer, replace_ffn
 
 __all__ = ["ACM_KIND", "acm_modules", "acmize", "rebuild", "set_threshold"]
 
 ACM_KIND = "acm"
-
-
-def _install(model: nn.Module, site: FFNSite, layer: ACMLayer) -> list[str]:
-    replace_module(model, site.name, layer)
-    if site.output_name is None:
-        return [site.name]
-    replace_module(model, site.output_name, nn.Identity())
-    return [site.name, site.output_name]
 
 
 def acmize(model: nn.Module, config: ACMConfig, calibration_data: Iterable, *, progress: bool = True) -> nn.Module:
@@ -73,7 +65,7 @@ def acmize(model: nn.Module, config: ACMConfig, calibration_data: Iterable, *, p
         for n, p in model.named_parameters():
             p.requires_grad_(frozen[n])
         model.train(was_training)
-    targets = [t for site, layer in zip(sites, converted) for t in _install(model, site, layer)]
+    targets = [t for site, layer in zip(sites, converted) for t in replace_ffn(model, site, layer)]
     record_injection(model, ACM_KIND, asdict(config), targets)
     model.acm_conversion_log = logs
     return model.eval()
@@ -97,7 +89,7 @@ def rebuild(model: nn.Module, config_dict: dict) -> None:
         warnings.warn(f"ACM record has keys this modular-llm does not know, ignored: {unknown}", stacklevel=2)
     config = ACMConfig(**{k: v for k, v in config_dict.items() if k in known})
     sites = ffn_sites(model, config)
-    targets = [t for site in sites for t in _install(model, site, new_layer(site, config).eval())]
+    targets = [t for site in sites for t in replace_ffn(model, site, new_layer(site, config).eval())]
     record_injection(model, ACM_KIND, asdict(config), targets)
 
 

@@ -35,7 +35,8 @@ def _add_builtin(subparsers) -> None:
     p.set_defaults(func=_runs("modular.app.demo:run"))
 
     p = subparsers.add_parser("train", help="fine-tune a model from a recipe YAML (inject, LISA, 1-bit Adam, DeepSpeed)")
-    p.add_argument("recipe", help="the recipe file (see docs/recipes.md)")
+    p.add_argument("recipes", nargs="+", metavar="RECIPE",
+                   help="recipe file(s) (see docs/recipes.md); several run one after the other in the same processes")
     p.set_defaults(func=_runs("modular.app.train:run"))
 
     p = subparsers.add_parser("merge", help="merge models from a mergekit YAML config (TIES, DARE, linear, SLERP, ..., AdaMerging)")

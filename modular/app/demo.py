@@ -1,321 +1,295 @@
-"""``modular demo``: the whole flow on an embedded default, CPU only, in one command.
+"""``modular demo``: the whole flow in one command, CPU only.
 
-1. data: real text and two classification tasks from the GCIDE dictionary (``modular.app.tasks``),
-   a BPE tokenizer trained on that text;
-2. pretrain: a small llama trained briefly on the text, with a few hundred labelled rows of each
-   task mixed in, so the base is a weak generalist (``modular train``, one process);
-3. inject: its MLPs upcycled into a 4-expert top-2 MoE, then AdaMoE null experts injected
-   (the base of every task model and of the merges);
-4. fine-tune: one model per task with LISA and 1-bit Adam under DeepSpeed ZeRO-0, two processes
-   (``deepspeed --num_gpus 2 --module modular.app.train``);
-5. merge: task arithmetic (λ 0.3, through the ``modular merge`` CLI) and AdaMerging, task-wise
-   and layer-wise (entropy of each task's label-word distribution on its unlabelled test prompts);
-6. evaluate every model on every task, and write ``report.html`` (``modular report``).
+Default (``track: encoder``), on the real pretrained all-MiniLM-L6-v2 (``modular.app.minilm``):
 
-Every stage writes into its own folder and is skipped when its output exists, so re-running the
-command after an interruption (Ctrl-C, SIGTERM) continues where it stopped; an interrupted
-fine-tuning resumes from its last checkpoint.
+1. data: three real text-classification tasks (``modular.app.tasks``: GCIDE definitions and
+   Debian package descriptions), each split train / validation / test;
+2. inject, once, into one model: experts blocks with AdaMoE null experts in the FFNs of the last
+   layers (``moe.ffn_experts``, MoEfication-style slices of the FFN) and ACMs in the dense FFNs
+   of the others (``modular.acm``), calibrated on dictionary text; both recorded in the config;
+3. fine-tune one classifier per task (a fresh head on the injected backbone, fitted on it before
+   fine-tuning) with LISA and 1-bit Adam under DeepSpeed, 2 processes (``modular train``);
+4. merge the backbones with task arithmetic, TIES (λ of each chosen on the validation split) and
+   AdaMerging task-wise and layer-wise (library defaults, each task model's head on its task's
+   unlabelled validation inputs), all through ``modular merge`` with the YAML files written in
+   ``merges/`` (rerun any by hand: ``cd OUT && modular merge merges/ties.yaml --out merges/ties``);
+5. evaluate every backbone with every task's head on the test split (once), with the FFN compute
+   each token really ran;
+6. write ``report.html`` (``modular report``).
+
+``track: causal`` (``examples/demo/causal.yaml``) is the decoder flow (``modular.app.demo_causal``).
+
+Every stage writes its outputs atomically and is skipped when they exist; a stage that was
+interrupted (even by SIGKILL) is redone from its start, and every stage is deterministic, so a
+re-run ends with the same table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import re
-import subprocess
-import sys
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-import yaml
 
 from modular.checkpoint import atomic_write_text
 
+from .demo_common import (
+    MERGE_LABELS,
+    DemoConfig,
+    Stages,
+    classes,
+    finetune,
+    finish_table,
+    read_jsonl,
+    run_merge_yaml,
+    static_merges,
+    training_arguments,
+    write_jsonl,
+)
+
 __all__ = ["DemoConfig", "run_demo"]
 
-PROMPT_CUES = {"pos": "part of speech:", "domain": "subject:", "etymology": "origin:"}
-
-
-@dataclass
-class DemoConfig:
-    """Sizes of the demo run; the defaults fit in about 10 minutes on 2 CPU cores."""
-
-    tasks: list[str] = field(default_factory=lambda: ["pos", "domain"])
-    pretrain_paragraphs: int = 40000
-    pretrain_task_examples: int = 300  # labelled rows per task mixed into pretraining: a weak generalist base
-    vocab_size: int = 4096
-    model: dict = field(default_factory=lambda: dict(
-        model_type="llama", hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=False,
-    ))
-    pretrain_steps: int = 300
-    num_experts: int = 4
-    top_k: int = 2
-    adamoe: dict = field(default_factory=lambda: dict(num_null_experts=4, top_k=3, null_logit_init="repeat_gate",
-                                                   weighting="renormalized", aux_loss_coef=0.1))  # the paper's routing
-    finetune_steps: int = 80
-    lisa: dict = field(default_factory=lambda: dict(num_active_layers=2, interval_steps=20))
-    finetune_lr: float = 1e-3
-    processes: int = 2
-    task_arithmetic_lambda: float = 0.3
-    adamerging: dict = field(default_factory=lambda: dict(steps=100, lr=5e-3))  # AdaMergingConfig fields but granularity
-    adamerging_granularities: list[str] = field(default_factory=lambda: ["task", "layer"])
-    seed: int = 0
-
-
-def _stage(title: str) -> None:
-    print(f"\n=== {title} ===", flush=True)
+BASE_LABEL = "base (injected)"
 
 
 # ----------------------------------------------------------------------------- 1. data
-def _strip_subject_labels(text: str) -> str:
-    """The pretraining text must not give the ``domain`` labels away: drop marks like ``(Zool.)``."""
-    return re.sub(r"\([A-Z][a-z]*\.\)", " ", text)
-
-
 def prepare_data(cfg: DemoConfig, data_dir: Path) -> None:
-    from .corpora import gcide_paragraphs, train_tokenizer
+    """Each task's train / validation / test rows (``text``, ``label``), its unlabelled validation
+    inputs (AdaMerging's data) and class names; GCIDE paragraphs for calibration."""
+    from .corpora import gcide_paragraphs
     from .tasks import text_tasks
 
     if (data_dir / "done").is_file():
         return
-    data_dir.mkdir(parents=True, exist_ok=True)
+    tasks = text_tasks(tuple(cfg.tasks), train=cfg.train_examples, validation=cfg.validation_examples,
+                       test=cfg.test_examples, seed=cfg.seed)
+    for name, task in tasks.items():
+        for split in ("train", "validation", "test"):
+            write_jsonl(data_dir / f"{name}_{split}.jsonl", ({"text": t, "label": y} for t, y in getattr(task, split)))
+        # by length, so that AdaMerging's batches (cut in file order) carry little padding
+        unlabelled = sorted((t for t, _ in task.validation), key=len)
+        write_jsonl(data_dir / f"{name}_unlabelled.jsonl", ({"text": t} for t in unlabelled))
+        atomic_write_text(data_dir / f"{name}_classes.json", json.dumps(task.classes))
+        print(f"task {name}: classes {task.classes}, {len(task.train)} train / {len(task.validation)} validation / "
+              f"{len(task.test)} test")
     paragraphs = gcide_paragraphs()
     random.Random(cfg.seed).shuffle(paragraphs)
-    text = [_strip_subject_labels(p) for p in paragraphs[: cfg.pretrain_paragraphs]]
-
-    tasks = text_tasks(tuple(cfg.tasks), seed=cfg.seed)
-    words = [w for t in tasks.values() for w in t.classes]
-    tokenizer = train_tokenizer(text + words * 50, vocab_size=cfg.vocab_size)  # label words frequent enough to be tokens
-    tokenizer.save_pretrained(data_dir / "tokenizer")
-    seen = []
-    for name, task in tasks.items():
-        _write_jsonl(data_dir / f"{name}_train.jsonl", _task_rows(task, task.train))
-        _write_jsonl(data_dir / f"{name}_test.jsonl", _task_rows(task, task.test))
-        (data_dir / f"{name}_classes.json").write_text(json.dumps(task.classes))
-        seen += [r["prompt"] + r["completion"] for r in _task_rows(task, task.train[: cfg.pretrain_task_examples])]
-        print(f"task {name}: classes {task.classes}, {len(task.train)} train / {len(task.test)} test examples")
-    pretrain_text = text[:-500] + seen
-    random.Random(cfg.seed).shuffle(pretrain_text)
-    _write_jsonl(data_dir / "pretrain_train.jsonl", ({"text": t} for t in pretrain_text))
-    _write_jsonl(data_dir / "pretrain_eval.jsonl", ({"text": t} for t in text[-500:]))
-    (data_dir / "done").write_text("")
+    write_jsonl(data_dir / "calibration.jsonl", ({"text": p} for p in paragraphs[: cfg.calibration_sentences]))
+    atomic_write_text(data_dir / "done", "")
 
 
-def _task_rows(task, examples: list[tuple[str, int]]) -> list[dict]:
-    """Prompt (definition + the task's cue) → completion (the class word), plus the class index."""
-    return [{"prompt": f"{text} {PROMPT_CUES[task.name]}", "completion": f" {task.classes[y]}", "label": y} for text, y in examples]
-
-
-def _write_jsonl(path: Path, rows) -> None:
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-# ----------------------------------------------------------------------------- 2. pretrain
-def _write_recipe(path: Path, recipe: dict) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    return path
-
-
-def pretrain(cfg: DemoConfig, out: Path) -> Path:
-    from .recipe import load_recipe
-    from .train import run_recipe
-
-    run_dir = out / "runs" / "pretrain"
-    if (run_dir / "model" / "config.json").is_file():
-        return run_dir / "model"
-    vocab = len(_tokenizer(out))
-    recipe = {
-        "model": {"config": {**cfg.model, "vocab_size": vocab, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0},
-                  "tokenizer": "../../data/tokenizer"},
-        "data": {"train": "../../data/pretrain_train.jsonl", "eval": "../../data/pretrain_eval.jsonl", "max_length": 128},
-        "optimizer": {"name": "adamw", "lr": 2e-3, "weight_decay": 0.01},
-        "training": {"max_steps": cfg.pretrain_steps, "per_device_train_batch_size": 32, "per_device_eval_batch_size": 32,
-                     "warmup_steps": 30, "lr_scheduler_type": "cosine", "logging_steps": 10, "save_steps": 100,
-                     "eval_strategy": "no", "disable_tqdm": False},
-        "output_dir": ".",
-    }
-    return run_recipe(load_recipe(_write_recipe(run_dir / "recipe.yaml", recipe)))
-
-
-def _tokenizer(out: Path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(out / "data" / "tokenizer")
-
-
-# ----------------------------------------------------------------------------- 3. inject
-def build_base(cfg: DemoConfig, pretrained: Path, out: Path) -> Path:
-    """Upcycle the dense model into an MoE and inject AdaMoE: the shared base of all task models."""
+# ----------------------------------------------------------------------------- 2. inject
+def build_base(cfg: DemoConfig, out: Path) -> Path:
+    """all-MiniLM-L6-v2 with experts blocks + AdaMoE in ``cfg.experts['layers']`` and ACMs in the
+    other FFNs: the backbone every task model starts from and every merge is made over."""
     import torch
+    from transformers import AutoModel, AutoTokenizer
 
-    from modular import load_model
+    from modular.acm import ACMConfig, acmize
     from modular.checkpoint import atomic_output_dir
-    from moe import AdaMoEConfig, inject_adamoe, upcycle_to_moe
+    from moe import AdaMoEConfig, FFNExpertsConfig, inject_adamoe, inject_ffn_experts
+
+    from .minilm import minilm_path
 
     base = out / "base"
     if (base / "config.json").is_file():
         return base
-    dense = load_model(pretrained, dtype=torch.float32)
-    model = upcycle_to_moe(dense, num_experts=cfg.num_experts, top_k=cfg.top_k, noise_std=0.01, seed=cfg.seed)
+    torch.manual_seed(cfg.seed)
+    source = cfg.base_model or minilm_path()
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = AutoModel.from_pretrained(source, dtype=torch.float32).eval()
+    texts = [r["text"] for r in read_jsonl(out / "data" / "calibration.jsonl")]
+    calibration = [dict(tokenizer(texts[i : i + 32], padding=True, truncation=True, max_length=cfg.max_length, return_tensors="pt"))
+                   for i in range(0, len(texts), 32)]
+    experts_log = inject_ffn_experts(model, FFNExpertsConfig(**{"seed": cfg.seed, **cfg.experts}), calibration)
+    acmize(model, ACMConfig(**{"seed": cfg.seed, **cfg.acm}), calibration)
     inject_adamoe(model, AdaMoEConfig(**cfg.adamoe))
     with atomic_output_dir(base) as tmp:
         model.save_pretrained(tmp)
-        _tokenizer(out).save_pretrained(tmp)
-    print(f"base: {cfg.num_experts} experts, top-{cfg.top_k}, AdaMoE {cfg.adamoe} -> {base}")
+        tokenizer.save_pretrained(tmp)
+        atomic_write_text(tmp / "injection_log.json", json.dumps({"ffn_experts": experts_log, "acm": model.acm_conversion_log}, indent=2))
+    for log in experts_log:
+        print(f"experts block {log['module']}: top-k picks keep {log['kept_output_norm_share']:.1%} of the FFN output's squared norm")
     return base
 
 
-# ----------------------------------------------------------------------------- 4. fine-tune
-def finetune_task(cfg: DemoConfig, task: str, base: Path, out: Path) -> Path:
-    """One task model, trained by ``cfg.processes`` DeepSpeed processes (resumes if interrupted)."""
-    from finetune.launch import free_port
-
-    run_dir = out / "runs" / task
-    if (run_dir / "model" / "config.json").is_file():
-        return run_dir / "model"
-    recipe = {
-        "model": {"path": "../../base"},
-        "data": {"train": f"../../data/{task}_train.jsonl", "eval": f"../../data/{task}_test.jsonl",
-                 "prompt_field": "prompt", "completion_field": "completion", "max_length": 96},
-        "lisa": {**cfg.lisa, "seed": cfg.seed},
-        "optimizer": {"name": "onebit_adam", "lr": cfg.finetune_lr, "weight_decay": 0.0},
+# ----------------------------------------------------------------------------- 3. fine-tune
+def classification_recipe(cfg: DemoConfig, task: str, out: Path) -> dict:
+    """``modular train`` recipe of one task model: library defaults but sizes (optimizer, LISA, head)."""
+    return {
+        "model": {"path": "../../base", "task": "sequence_classification", "num_labels": len(classes(out, task))},
+        "data": {"train": f"../../data/{task}_train.jsonl", "eval": f"../../data/{task}_validation.jsonl",
+                 "text_field": "text", "label_field": "label", "max_length": cfg.max_length},
+        "lisa": {"seed": cfg.seed, **cfg.lisa},
+        "optimizer": {"name": "onebit_adam"},
         "deepspeed": "onebit_zero0",
-        "training": {"max_steps": cfg.finetune_steps, "per_device_train_batch_size": 16, "per_device_eval_batch_size": 64,
-                     "logging_steps": 5, "save_steps": 40, "warmup_steps": 10, "disable_tqdm": False},
+        "training": training_arguments(cfg, cfg.finetune_steps),
         "output_dir": ".",
     }
-    path = _write_recipe(run_dir / "recipe.yaml", recipe)
-    launcher = Path(sys.executable).parent / "deepspeed"
-    command = [str(launcher), "--num_gpus", str(cfg.processes), "--master_port", str(free_port()),
-               "--module", "modular.app.train", str(path)]
-    print("$ " + " ".join(command), flush=True)
-    threads = str(max(1, (os.cpu_count() or 1) // cfg.processes))  # one rank per core: oversubscribed gloo ranks crawl
-    proc = subprocess.run(command, cwd=run_dir, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": threads})
-    if not (run_dir / "model" / "config.json").is_file():
-        raise RuntimeError(f"fine-tuning {task} stopped before the end (exit status {proc.returncode}); re-run `modular demo` to resume it")
-    if proc.returncode != 0:
-        print(f"warning: the launcher exited with status {proc.returncode} after the model was written to {run_dir / 'model'}")
-    return run_dir / "model"
 
 
-# ----------------------------------------------------------------------------- 5. merge
-def _label_word_task(out: Path, task: str, with_labels: bool = True):
-    from merging.label_words import LabelWordTask
+# ----------------------------------------------------------------------------- 4. merge
+def merge_all(cfg: DemoConfig, task_models: dict[str, Path], out: Path, evaluator) -> tuple[dict[str, Path], dict]:
+    """Task arithmetic and TIES at their validation-chosen λ, AdaMerging with the library's defaults."""
+    from merging import TaskVector, merge
 
-    rows = _read_jsonl(out / "data" / f"{task}_test.jsonl")
-    classes = json.loads((out / "data" / f"{task}_classes.json").read_text())
-    return LabelWordTask(task, [r["prompt"] for r in rows], classes, [r["label"] for r in rows] if with_labels else None)
+    task_vectors = [TaskVector.from_models(out / "base", p, label=t) for t, p in task_models.items()]
 
+    def score_for(method: str):
+        def score(lam: float) -> float:  # merged in memory by the same merging.merge
+            return evaluator.validation_score(merge(method, out / "base", task_vectors, lambda_=lam, progress=False))
+        return score
 
-def merge_task_arithmetic(cfg: DemoConfig, base: Path, task_models: dict[str, Path], out: Path) -> Path:
-    """Through the ``modular merge`` CLI and a mergekit-style YAML, as a user would."""
-    from .cli import main as modular_main
-
-    target = out / "merges" / "task_arithmetic"
-    if (target / "config.json").is_file():
-        return target
-    config = {
-        "base_model": str(base),
-        "merge_method": "task_arithmetic",
-        "parameters": {"lambda": cfg.task_arithmetic_lambda},
-        "models": [{"model": str(path)} for path in task_models.values()],
-    }
-    path = _write_recipe(out / "merges" / "task_arithmetic.yaml", config)
-    if modular_main(["merge", str(path), "--out", str(target)]) != 0:
-        raise RuntimeError(f"modular merge {path} failed")
-    return target
+    merges, grids = static_merges(cfg, task_models, out, score_for)
+    for granularity in cfg.adamerging_granularities:
+        doc = {"merge_method": "adamerging", "base_model": "base",
+               "models": [{"model": str(p.relative_to(out)), "data": f"data/{t}_unlabelled.jsonl"} for t, p in task_models.items()],
+               "adamerging": {"max_length": cfg.max_length, **cfg.adamerging, "granularity": granularity}}
+        header = ("# AdaMerging, library defaults (inputs cut at the fine-tuning max_length); each task model's head on\n"
+                  "# its task's unlabelled validation inputs\n")
+        merges[f"adamerging_{granularity}"] = run_merge_yaml(out, f"adamerging_{granularity}", doc, header)
+    return merges, grids
 
 
-def merge_adamerging(cfg: DemoConfig, base: Path, task_models: dict[str, Path], out: Path, granularity: str) -> Path:
-    """AdaMerging (``granularity``-wise) on the unlabelled test prompts (their labels are not read)."""
+# ----------------------------------------------------------------------------- 5. evaluate
+class HeadEvaluator:
+    """Every task's head (from its task model) on a given backbone state, on validation or test."""
+
+    def __init__(self, cfg: DemoConfig, task_models: dict[str, Path], out: Path):
+        import torch
+        from transformers import AutoTokenizer
+
+        from modular import load_model
+
+        tokenizer = AutoTokenizer.from_pretrained(out / "base")
+        self.models = {t: load_model(p, dtype=torch.float32).eval() for t, p in task_models.items()}
+        self.batches = {split: {t: self._batches(tokenizer, out / "data" / f"{t}_{split}.jsonl", cfg.max_length) for t in task_models}
+                        for split in ("validation", "test")}
+
+    @staticmethod
+    def _batches(tokenizer, path: Path, max_length: int) -> list[tuple[dict, object]]:
+        """Model inputs and labels, 64 rows a batch, rows sorted by length (less padding)."""
+        import torch
+
+        rows = sorted(read_jsonl(path), key=lambda r: len(r["text"]))
+        out = []
+        for i in range(0, len(rows), 64):
+            chunk = rows[i : i + 64]
+            inputs = dict(tokenizer([r["text"] for r in chunk], padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
+            out.append((inputs, torch.tensor([r["label"] for r in chunk])))
+        return out
+
+    def accuracy(self, state: dict, task: str, split: str, meter=None) -> float:
+        import torch
+
+        model = self.models[task]
+        model.base_model.load_state_dict(state)
+        correct = total = 0
+        with torch.no_grad():
+            for inputs, labels in self.batches[split][task]:
+                if meter is not None:
+                    meter.tokens(inputs["attention_mask"])
+                correct += int((model(**inputs).logits.argmax(-1) == labels).sum())
+                total += len(labels)
+        return correct / total
+
+    def validation_score(self, state: dict) -> float:
+        """Mean validation accuracy over the tasks."""
+        return sum(self.accuracy(state, t, "validation") for t in self.models) / len(self.models)
+
+    def test(self, state: dict) -> dict:
+        """Test accuracy per task, and the FFN compute every token ran (``modular.app.compute``)."""
+        from .compute import FFNComputeMeter
+
+        accuracy, meters = {}, []
+        for task, model in self.models.items():
+            with FFNComputeMeter(model.base_model) as meter:
+                accuracy[task] = self.accuracy(state, task, "test", meter)
+            meters.append(meter)
+        return {"accuracy": accuracy, **_pooled(meters)}
+
+
+def _pooled(meters) -> dict:
+    flops, dense = sum(m.flops for m in meters), sum(m.dense for m in meters)
+    hist = [sum(col) for col in zip(*[m.acm_histogram for m in meters])] if meters[0].acm_histogram else None
+    tokens = sum(m.expert_tokens for m in meters)
+    return {"compute_fraction": flops / dense, "acm_histogram": hist,
+            "true_experts_per_token": sum(m.true_experts for m in meters) / tokens if tokens else None}
+
+
+def backbone_state(path: Path) -> dict:
+    """The backbone's tensors of a saved model: a merged / base backbone, or a task model's."""
     import torch
-
-    from merging import AdaMergingConfig, adamerge_folders
-
-    target = out / "merges" / f"adamerging-{granularity}"
-    if (target / "config.json").is_file():
-        return target
-    tokenizer = _tokenizer(out)
-    tasks = [_label_word_task(out, name, with_labels=False).entropy_task(tokenizer) for name in task_models]
-    torch.manual_seed(cfg.seed)
-    adamerge_folders(base, task_models, tasks, AdaMergingConfig(**cfg.adamerging, granularity=granularity), out=target)
-    return target
-
-
-# ----------------------------------------------------------------------------- 6. evaluate
-def evaluate(cfg: DemoConfig, models: dict[str, Path], out: Path) -> Path:
-    """Accuracy of every model on every task, and AdaMoE routing on each task's prompts."""
-    import torch
-    from tqdm.auto import tqdm
 
     from modular import load_model
-    from moe import mean_experts_per_token, routing_stats
 
-    tokenizer = _tokenizer(out)
-    tasks = {name: _label_word_task(out, name) for name in cfg.tasks}
-    encoded = {name: task.batches(tokenizer, batch_size=64) for name, task in tasks.items()}  # once for all models
-    table: dict[str, dict] = {}
-    for label, path in tqdm(models.items(), desc="evaluate", unit="model"):
-        model = load_model(path, dtype=torch.float32)
-        accuracy = {name: task.accuracy(model, tokenizer, batches=encoded[name]) for name, task in tasks.items()}
-        experts = []
-        for batches in encoded.values():
-            with torch.no_grad():
-                model(**batches[0])
-            experts.append(mean_experts_per_token(routing_stats(model)))
-        table[label] = {"accuracy": accuracy, "average": sum(accuracy.values()) / len(accuracy),
-                        "mean_experts_per_token": sum(experts) / len(experts), "path": str(path)}
-    result = {"tasks": cfg.tasks, "base_top_k": cfg.top_k, "models": table, "config": asdict(cfg)}
-    path = out / "evaluation.json"
-    path.write_text(json.dumps(result, indent=2))
-    return path
+    model = load_model(path, dtype=torch.float32)
+    return model.base_model.state_dict()
 
 
 # ----------------------------------------------------------------------------- the flow
 def run_demo(out: Path, cfg: DemoConfig | None = None) -> Path:
+    cfg = cfg or DemoConfig()
+    out = Path(out).resolve()
+    start = time.time()
+    stage = Stages()
+    if cfg.track == "causal":
+        from .demo_causal import run_causal
+
+        evaluation = run_causal(cfg, out, stage)
+    else:
+        evaluation = _run_encoder(cfg, out, stage)
     from .report import write_report
 
-    cfg = cfg or DemoConfig()
-    start = time.time()
-    out = out.resolve()
-    _stage("1/6 data: GCIDE text, tasks and tokenizer")
-    prepare_data(cfg, out / "data")
-    _stage(f"2/6 pretrain a small llama on GCIDE text ({cfg.pretrain_steps} steps)")
-    pretrained = pretrain(cfg, out)
-    _stage(f"3/6 inject: upcycle to {cfg.num_experts} experts (top-{cfg.top_k}), AdaMoE null experts")
-    base = build_base(cfg, pretrained, out)
-    task_models = {}
-    for i, task in enumerate(cfg.tasks):
-        _stage(f"4/6 fine-tune task {task!r} ({i + 1}/{len(cfg.tasks)}): LISA + 1-bit Adam, DeepSpeed, {cfg.processes} processes")
-        task_models[task] = finetune_task(cfg, task, base, out)
-    _stage("5/6 merge: task arithmetic and AdaMerging")
-    merges = {"task arithmetic": merge_task_arithmetic(cfg, base, task_models, out)}
-    for granularity in cfg.adamerging_granularities:
-        merges[f"AdaMerging ({granularity}-wise)"] = merge_adamerging(cfg, base, task_models, out, granularity)
-    _stage("6/6 evaluate every model on every task, write the report")
-    evaluation = evaluate(cfg, {"base (AdaMoE injected)": base, **{f"task model: {t}": p for t, p in task_models.items()}, **merges}, out)
+    atomic_write_text(out / "evaluation.json", json.dumps(evaluation, indent=2))
     report = write_report([out], out / "report.html")
-    _summary(json.loads(evaluation.read_text()), report, time.time() - start)
+    stage.save(out / "timings.json")
+    print_summary(evaluation, report, time.time() - start)
     return report
 
 
-def _summary(evaluation: dict, report: Path, seconds: float) -> None:
-    tasks = evaluation["tasks"]
+def _run_encoder(cfg: DemoConfig, out: Path, stage: Stages) -> dict:
+    stage("1/5 data: three text-classification tasks (GCIDE, apt index), train / validation / test")
+    prepare_data(cfg, out / "data")
+    stage("2/5 inject into all-MiniLM-L6-v2: experts blocks + AdaMoE null experts, ACMs in the other FFNs")
+    base = build_base(cfg, out)
+    stage(f"3/5 fine-tune {', '.join(cfg.tasks)}: each head fitted on the backbone, then LISA + 1-bit Adam, "
+          f"DeepSpeed, {cfg.processes} processes")
+    task_models = finetune(cfg, {task: classification_recipe(cfg, task, out) for task in cfg.tasks}, out)
+    stage("4/5 merge (modular merge): task arithmetic and TIES (λ on validation), AdaMerging task- and layer-wise")
+    evaluator = HeadEvaluator(cfg, task_models, out)
+    merges, grids = merge_all(cfg, task_models, out, evaluator)
+    stage("5/5 evaluate every backbone with every task's head on the test split, then the report")
+    from tqdm.auto import tqdm
+
+    models = {BASE_LABEL: base, **{f"task model: {t}": p for t, p in task_models.items()},
+              **{MERGE_LABELS[k]: p for k, p in merges.items()}}
+    table = {}
+    for label, path in tqdm(models.items(), desc="evaluate", unit="model"):
+        state = backbone_state(path)
+        table[label] = evaluator.test(state)
+        if label in MERGE_LABELS.values():  # which merge a user would pick, without the test split
+            table[label]["validation_average"] = evaluator.validation_score(state)
+    return finish_table(cfg, table, base_label=BASE_LABEL, grids=grids, track="encoder")
+
+
+def print_summary(evaluation: dict, report: Path, seconds: float) -> None:
+    tasks, rows = evaluation["tasks"], evaluation["models"]
+    encoder = evaluation["track"] == "encoder"
+    cost, title = ("compute_fraction", "FFN compute") if encoder else ("mean_experts_per_token", "experts/token")
     print(f"\nmodular demo: done in {seconds / 60:.1f} min")
-    print(f"{'model':<28}" + "".join(f"{t:>10}" for t in tasks) + f"{'average':>10}{'experts/token':>15}")
-    for label, row in evaluation["models"].items():
+    print(f"{'model':<28}" + "".join(f"{t:>10}" for t in tasks) + f"{'average':>10}{'normalized':>12}{title:>15}")
+    for label, row in rows.items():
         print(f"{label:<28}" + "".join(f"{row['accuracy'][t]:>10.3f}" for t in tasks)
-              + f"{row['average']:>10.3f}{row['mean_experts_per_token']:>15.2f}")
-    print(f"(base MoE: top-{evaluation['base_top_k']} experts per token)")
+              + f"{row['average']:>10.3f}{row['normalized_average']:>12.3f}{row[cost]:>15.2f}")
+    print("normalized: accuracy / the task's own task model's"
+          + ("; FFN compute: FFN FLOPs per token / the dense model's" if encoder else ""))
+    if not encoder:
+        print("share of each task model's gain over the base that a merge keeps:")
+        for label in MERGE_LABELS.values():
+            if label in rows:
+                print(f"{label:<28}" + "".join(f"{rows[label]['recovered'][t]:>10.2f}" for t in tasks))
     print(f"report: {report}")
 
 

@@ -47,13 +47,22 @@ OPTIMIZER_KEYS = {"learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "
 
 @dataclass
 class ModelSection:
-    """``dtype``: the weights' dtype from loading on (``bfloat16`` for LLM-size runs; injections then
+    """``task``: ``causal_lm`` (language modelling) or ``sequence_classification``: the saved
+    model (injections included) gets a fresh head of ``num_labels`` classes (the family's
+    ``*ForSequenceClassification``); the data then needs a ``label_field``. ``head_init``
+    (classification): ``probe`` fits the head on the frozen model's features of the train split
+    before fine-tuning (logistic regression, L2 chosen on the eval split: ``finetune.heads``),
+    ``random`` keeps transformers' initialisation.
+    ``dtype``: the weights' dtype from loading on (``bfloat16`` for LLM-size runs; injections then
     work in it too). Mixed precision over fp32 weights is ``training: {bf16: true}`` instead."""
 
     path: str | None = None
     config: dict | None = None
     tokenizer: str | None = None
     dtype: Literal["float32", "bfloat16"] = "float32"
+    task: Literal["causal_lm", "sequence_classification"] = "causal_lm"
+    num_labels: int | None = None
+    head_init: Literal["probe", "random"] = "probe"
 
     def __post_init__(self) -> None:
         if (self.path is None) == (self.config is None):
@@ -62,18 +71,26 @@ class ModelSection:
             raise ValueError("`config` needs a `model_type` (e.g. llama)")
         if self.tokenizer is None and self.path is None:
             raise ValueError("a model built from `config` needs a `tokenizer` folder")
+        classify = self.task == "sequence_classification"
+        if classify and not (isinstance(self.num_labels, int) and self.num_labels >= 2):
+            raise ValueError(f"task sequence_classification needs `num_labels`, an integer >= 2; got {self.num_labels!r}")
+        if not classify and self.num_labels is not None:
+            raise ValueError("`num_labels` only applies to task: sequence_classification")
 
 
 @dataclass
 class DataSection:
-    """Plain text (``text_field``, packed into ``max_length`` blocks) or prompt/completion pairs
-    (``prompt_field`` + ``completion_field``: one example per row, loss on the completion only)."""
+    """Plain text (``text_field``, packed into ``max_length`` blocks), prompt/completion pairs
+    (``prompt_field`` + ``completion_field``: one example per row, loss on the completion only),
+    or labelled text for ``task: sequence_classification`` (``text_field`` + ``label_field``,
+    an integer class per row)."""
 
     train: str
     eval: str | None = None
     text_field: str = "text"
     prompt_field: str | None = None
     completion_field: str | None = None
+    label_field: str | None = None
     max_length: int = 256
     packing: bool = True
 
@@ -255,6 +272,12 @@ def _check_outputs_apart(recipe: Recipe, where: str) -> None:
 
 
 def _check_combinations(recipe: Recipe, where: str) -> None:
+    classify = recipe.model.task == "sequence_classification"
+    if classify != (recipe.data.label_field is not None):
+        raise ConfigError(f"{where}: data.label_field (the class of each row) goes with model.task: sequence_classification, "
+                          f"and that task needs it (model.task is {recipe.model.task!r}, data.label_field is {recipe.data.label_field!r})")
+    if classify and recipe.data.is_prompt_completion:
+        raise ConfigError(f"{where}: model.task sequence_classification reads text_field + label_field, not prompt/completion fields")
     stage = recipe.zero_stage
     if recipe.lisa is not None and stage == 3:
         raise ConfigError(
@@ -305,5 +328,6 @@ def describe(recipe: Any) -> str:
     """One line per section, for the run log."""
     inj = ", ".join(i["kind"] for i in recipe.injections) or "none"
     lisa = "off" if recipe.lisa is None else f"γ={recipe.lisa.num_active_layers}, K={recipe.lisa.interval_steps}"
-    return (f"model={recipe.model.path or recipe.model.config.get('model_type')} dtype={recipe.model.dtype} injections={inj} "
-            f"lisa={lisa} optimizer={recipe.optimizer.name}")
+    task = "" if recipe.model.task == "causal_lm" else f" task={recipe.model.task}({recipe.model.num_labels} labels)"
+    return (f"model={recipe.model.path or recipe.model.config.get('model_type')}{task} dtype={recipe.model.dtype} "
+            f"injections={inj} lisa={lisa} optimizer={recipe.optimizer.name}")

@@ -6,8 +6,10 @@ Each PATH is searched (recursively) for what the other commands write:
   LISA schedule (``lisa_schedule`` inside it);
 * ``adamerging_coefficients.json`` of an AdaMerging merge: λ per layer × task, entropy curve;
 * ``merge.json`` of any merge folder (``modular merge``, ``merging.merge``): method, inputs, parameters;
-* ``evaluation.json`` (written by ``modular demo``): accuracy of each model on each task and
-  its mean true experts per token.
+* ``evaluation.json`` (written by ``modular demo``): accuracy of each model on each task
+  (normalised by each task's own task model), the FFN compute its tokens ran and the ACM
+  learners-per-token histogram, the λ grids chosen on validation;
+* 1-bit Adam's bytes on the wire (``onebit_adam_comm`` in a run's ``metrics.json``).
 
 Every number on the page is read from those files; nothing is recomputed or typed in.
 """
@@ -144,8 +146,24 @@ def plot_lisa(runs: dict[str, dict]) -> str:
 
 
 def _layer_of(tensor: str) -> str:
-    match = re.search(r"layers\.(\d+)\.", tensor)
+    """The block a tensor belongs to, from the layer-list names the registry's families use
+    (llama ``layers.N``, BERT ``layer.N``, GPT-2 ``h.N``)."""
+    match = re.search(r"(?:^|\.)(?:layers|layer|h)\.(\d+)\.", tensor)
     return f"layer {int(match.group(1)):02d}" if match else ("embeddings" if "embed" in tensor else "head / norm")
+
+
+def _short_names(names: list[str]) -> list[str]:
+    """Task labels without the path parts they all share (``runs/pos/model`` -> ``pos``)."""
+    parts = [name.split("/") for name in names]
+    if len(parts) < 2:
+        return names
+    head = 0
+    while all(len(p) > head + 1 and p[head] == parts[0][head] for p in parts):
+        head += 1
+    tail = 0
+    while all(len(p) > head + tail + 1 and p[-1 - tail] == parts[0][-1 - tail] for p in parts):
+        tail += 1
+    return ["/".join(p[head : len(p) - tail]) for p in parts]
 
 
 def plot_coefficients(doc: dict) -> str:
@@ -157,7 +175,7 @@ def plot_coefficients(doc: dict) -> str:
     means = [[sum(col) / len(col) for col in zip(*rows[label])] for label in labels]
     plt, fig, (ax, ax2) = _figure(10, max(3.0, 0.35 * len(labels) + 1.5), 2)
     image = ax.imshow(means, aspect="auto", cmap="viridis", vmin=0, vmax=1)
-    ax.set_xticks(range(len(doc["tasks"])), doc["tasks"])
+    ax.set_xticks(range(len(doc["tasks"])), _short_names(doc["tasks"]))
     ax.set_yticks(range(len(labels)), labels)
     for r, values in enumerate(means):
         for c, value in enumerate(values):
@@ -194,18 +212,89 @@ def _img(png: str, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{png}">'
 
 
+_COMPUTE_COLUMNS = (  # (key in an evaluation row, column title, format)
+    ("normalized_average", "normalized", "{:.3f}"),
+    ("compute_fraction", "FFN compute / dense", "{:.2f}"),
+    ("true_experts_per_token", "true experts / token", "{:.2f}"),
+    ("mean_experts_per_token", "true experts / token", "{:.2f}"),
+)
+
+
 def _evaluation_section(evaluation: dict) -> list[str]:
-    tasks = evaluation["tasks"]
-    best = max(row["average"] for row in evaluation["models"].values())
-    head = "<tr><th>model</th>" + "".join(f"<th>{html.escape(t)}</th>" for t in tasks) + "<th>average</th><th>true experts / token</th></tr>"
+    tasks, rows = evaluation["tasks"], evaluation["models"]
+    best = max(row["average"] for row in rows.values())
+    extra = [(key, title, fmt) for key, title, fmt in _COMPUTE_COLUMNS if any(row.get(key) is not None for row in rows.values())]
+    head = ("<tr><th>model</th>" + "".join(f"<th>{html.escape(t)}</th>" for t in tasks) + "<th>average</th>"
+            + "".join(f"<th>{title}</th>" for _, title, _ in extra) + "</tr>")
     body = [
         f"<tr><td>{html.escape(label)}</td>" + "".join(f"<td>{row['accuracy'][t]:.3f}</td>" for t in tasks)
-        + f"<td class=\"{'best' if row['average'] == best else ''}\">{row['average']:.3f}</td><td>{row['mean_experts_per_token']:.2f}</td></tr>"
-        for label, row in evaluation["models"].items()
+        + f"<td class=\"{'best' if row['average'] == best else ''}\">{row['average']:.3f}</td>"
+        + "".join(f"<td>{'' if row.get(key) is None else fmt.format(row[key])}</td>" for key, _, fmt in extra) + "</tr>"
+        for label, row in rows.items()
     ]
-    note = f"Base MoE routes every token to top-{evaluation['base_top_k']} experts." if evaluation.get("base_top_k") else ""
-    return ["<h2>Accuracy per task</h2>", f"<table>{head}{''.join(body)}</table>", f'<p class="note">{note}</p>',
-            _img(plot_accuracy(evaluation), "accuracy per task")]
+    notes = {"normalized_average": "normalized: accuracy divided by the task's own task model's, averaged over tasks",
+             "compute_fraction": "FFN compute: FFN FLOPs per real token (ACM learners and gates, true experts and routers; "
+                                 "AdaMoE null picks and skipped learners cost nothing) over the dense model's",
+             "mean_experts_per_token": f"the base MoE routes every token to top-{evaluation.get('base_top_k')} experts"}
+    note = "; ".join(text for key, text in notes.items() if any(key == k for k, _, _ in extra))
+    parts = ["<h2>Accuracy per task</h2>", f"<table>{head}{''.join(body)}</table>", f'<p class="note">{html.escape(note)}</p>',
+             _img(plot_accuracy(evaluation), "accuracy per task")]
+    if evaluation.get("lambda_grids"):
+        parts += _grid_section(evaluation["lambda_grids"])
+    if any(row.get("acm_histogram") for row in rows.values()):
+        parts += ["<h2>ACM: learners per token</h2>", _img(plot_acm_histograms(rows), "ACM learners per token")]
+    return parts
+
+
+def _grid_section(grids: dict) -> list[str]:
+    """Mean validation accuracy at each λ of the static merges' grids; the chosen λ in bold."""
+    lambdas = sorted({float(lam) for scores in grids.values() for lam in scores})
+    head = "<tr><th>method</th>" + "".join(f"<th>λ {lam:g}</th>" for lam in lambdas) + "</tr>"
+    body = []
+    for method, scores in grids.items():
+        scores = {float(k): v for k, v in scores.items()}
+        best = max(sorted(scores), key=lambda lam: scores[lam])
+        cells = "".join(f"<td class=\"{'best' if lam == best else ''}\">{scores[lam]:.3f}</td>" if lam in scores else "<td></td>"
+                        for lam in lambdas)
+        body.append(f"<tr><td>{html.escape(method)}</td>{cells}</tr>")
+    return ["<h2>λ chosen on the validation split</h2>", f"<table>{head}{''.join(body)}</table>",
+            '<p class="note">mean validation accuracy over the tasks; the test split is scored once, at the chosen λ</p>']
+
+
+def plot_acm_histograms(rows: dict[str, dict]) -> str:
+    """Share of tokens that ran j = 0..N learners, over every ACM, per model."""
+    with_hist = {label: row["acm_histogram"] for label, row in rows.items() if row.get("acm_histogram")}
+    plt, fig, axes = _figure(max(6.0, 0.9 * len(with_hist) + 3), 3.2)
+    ax = axes[0]
+    width = 0.8 / len(with_hist)
+    for i, (label, hist) in enumerate(with_hist.items()):
+        total = sum(hist) or 1
+        ax.bar([j + i * width for j in range(len(hist))], [c / total for c in hist], width, label=label)
+    learners = len(next(iter(with_hist.values())))
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(learners)], [str(j) for j in range(learners)])
+    ax.set(xlabel="learners run (j)", ylabel="share of tokens", title="ACM learners per token (test inputs)")
+    ax.legend(fontsize=7)
+    return _png(plt, fig)
+
+
+def _comm_section(runs: dict[str, dict]) -> list[str]:
+    """1-bit Adam's bytes on the wire per run: full-precision warm-up, then compressed."""
+    rows = []
+    for name, metrics in runs.items():
+        comm = metrics.get("onebit_adam_comm")
+        if not comm:
+            continue
+        fp32, packed = comm["bytes_sent"]["fp32"], comm["bytes_sent"]["compressed"]
+        warm, steps = min(comm["freeze_step"], comm["steps"]), comm["steps"]
+        per_fp32 = fp32 / warm if warm else float("nan")
+        per_packed = packed / (steps - warm) if steps > warm else float("nan")
+        rows.append(f"<tr><td>{html.escape(name)}</td><td>{steps}</td><td>{fp32 / 2**20:.1f} MiB ({warm} steps)</td>"
+                    f"<td>{packed / 2**20:.2f} MiB ({steps - warm} steps)</td><td>{per_packed / per_fp32:.3f}</td></tr>")
+    head = ("<tr><th>run</th><th>steps</th><th>fp32 warm-up</th><th>1-bit compressed</th>"
+            "<th>bytes per step, compressed / fp32</th></tr>")
+    return ["<h2>1-bit Adam: bytes on the wire (per rank)</h2>", f"<table>{head}{''.join(rows)}</table>",
+            '<p class="note">bytes this rank handed to collectives; LISA changes the trained layers every period, '
+            "so the per-step figures are averages</p>"]
 
 
 def _merge_section(name: str, record: dict) -> list[str]:
@@ -238,6 +327,8 @@ def render(found: ReportInputs, title: str = "modular-llm report") -> str:
         parts += ["<h2>LISA schedule (active layers per period)</h2>", _img(plot_lisa(found.runs), "LISA schedule")]
     for name, record in found.merge_records.items():
         parts += _merge_section(name, record)
+    if any(m.get("onebit_adam_comm") for m in found.runs.values()):
+        parts += _comm_section(found.runs)
     for name, doc in found.merges.items():
         parts += [f"<h2>AdaMerging coefficients: {html.escape(name)}</h2>", _img(plot_coefficients(doc), "AdaMerging coefficients")]
     parts.append("</body></html>")

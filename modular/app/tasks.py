@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .corpora import debian_package_descriptions, gcide_entries
 
@@ -46,12 +46,13 @@ TASK_NAMES = (*GCIDE_TASKS, "software")
 
 @dataclass
 class TextTask:
-    """``train``/``test``: lists of (text, class index); ``classes``: the class words."""
+    """``train``/``validation``/``test``: lists of (text, class index); ``classes``: the class words."""
 
     name: str
     classes: list[str]
     train: list[tuple[str, int]]
     test: list[tuple[str, int]]
+    validation: list[tuple[str, int]] = field(default_factory=list)
 
 
 def _first_definition(entry: str, header_end: int) -> str:
@@ -103,8 +104,10 @@ def _class_pools(names: tuple[str, ...]) -> dict[str, dict[str, list[str]]]:
     return pools
 
 
-def text_tasks(names: tuple[str, ...] = TASK_NAMES, *, train: int = 1200, test: int = 400, seed: int = 0) -> dict[str, TextTask]:
-    """Balanced, seeded classification tasks (``train`` + ``test`` examples each)."""
+def text_tasks(names: tuple[str, ...] = TASK_NAMES, *, train: int = 1200, test: int = 400, validation: int = 0,
+               seed: int = 0) -> dict[str, TextTask]:
+    """Balanced, seeded classification tasks (``train`` + ``validation`` + ``test`` examples each,
+    disjoint; with ``validation=0`` the splits are those of earlier versions)."""
     unknown = set(names) - set(TASK_NAMES)
     if unknown:
         raise KeyError(f"unknown task(s) {sorted(unknown)}; known: {', '.join(TASK_NAMES)}")
@@ -113,7 +116,7 @@ def text_tasks(names: tuple[str, ...] = TASK_NAMES, *, train: int = 1200, test: 
     for name in names:
         rng = random.Random(f"{seed}:{name}")  # a task's split does not depend on the others requested
         classes = sorted(pools[name])
-        per_class = (train + test) // len(classes)
+        per_class = (train + validation + test) // len(classes)
         examples = []
         for label, cls in enumerate(classes):
             texts = sorted(set(pools[name][cls]))
@@ -122,5 +125,6 @@ def text_tasks(names: tuple[str, ...] = TASK_NAMES, *, train: int = 1200, test: 
             rng.shuffle(texts)
             examples += [(text, label) for text in texts[:per_class]]
         rng.shuffle(examples)
-        tasks[name] = TextTask(name, classes, train=examples[test:], test=examples[:test])
+        tasks[name] = TextTask(name, classes, train=examples[test + validation:], test=examples[:test],
+                               validation=examples[test:test + validation])
     return tasks

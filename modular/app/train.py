@@ -1,4 +1,4 @@
-"""``modular train RECIPE.yaml``: the recipe runner (inject → fine-tune → save), read top to bottom.
+"""``modular train RECIPE.yaml...``: the recipe runner (inject → fine-tune → save), read top to bottom.
 
 Runs the same way in one process, under ``torchrun --nproc_per_node N -m modular.app.train
 RECIPE.yaml`` and under ``deepspeed --num_gpus N --module modular.app.train RECIPE.yaml``.
@@ -23,6 +23,7 @@ import torch
 from transformers import TrainerCallback
 
 from modular.config_io import ConfigError
+from modular.surgery import injection_records
 
 from .recipe import Recipe, describe, load_recipe
 
@@ -43,15 +44,20 @@ def _single_process_world() -> None:
 
 
 def _build_model(recipe: Recipe) -> torch.nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """The recipe's model; for ``sequence_classification``, the family's classification class with
+    a fresh head (a saved backbone keeps its injections, rebuilt by ``load_model``)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from modular import load_model
 
+    classify = recipe.model.task == "sequence_classification"
+    auto = AutoModelForSequenceClassification if classify else AutoModelForCausalLM
+    head = {"num_labels": recipe.model.num_labels} if classify else {}
     dtype = getattr(torch, recipe.model.dtype)
     if recipe.model.path is not None:
-        return load_model(recipe.model.path, dtype=dtype)
+        return load_model(recipe.model.path, dtype=dtype, **({"model_class": auto, **head} if classify else {}))
     config = dict(recipe.model.config)
-    return AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config), dtype=dtype)
+    return auto.from_config(AutoConfig.for_model(config.pop("model_type"), **config, **head), dtype=dtype)
 
 
 def _tokenizer(recipe: Recipe):
@@ -80,12 +86,17 @@ def _datasets(recipe: Recipe, tokenizer) -> dict:
     files = {"train": data.train, **({"eval": data.eval} if data.eval else {})}
     raw = load_dataset(DATA_SUFFIXES[Path(data.train).suffix], data_files=files)
     fields = [data.prompt_field, data.completion_field] if data.is_prompt_completion else [data.text_field]
+    fields += [data.label_field] if data.label_field else []
     missing = [f for f in fields if f not in raw["train"].column_names]
     if missing:
         raise ValueError(f"{recipe.source}: data field(s) {missing} not in the data's columns {raw['train'].column_names}")
     columns = raw["train"].column_names
     if data.is_prompt_completion:
         return raw.map(lambda batch: _prompt_completion_rows(batch, data, tokenizer), batched=True, remove_columns=columns)
+    if data.label_field:
+        _check_labels(raw, data.label_field, recipe.model.num_labels, recipe.source)
+        return raw.map(lambda batch: {**tokenizer(batch[data.text_field], truncation=True, max_length=data.max_length),
+                                      "labels": batch[data.label_field]}, batched=True, remove_columns=columns)
 
     def tokenize(batch):
         return tokenizer(batch[data.text_field], truncation=not data.packing, max_length=data.max_length)
@@ -100,6 +111,14 @@ def _datasets(recipe: Recipe, tokenizer) -> dict:
         return {"input_ids": [ids[i : i + data.max_length] for i in range(0, usable, data.max_length)]}
 
     return tokenized.map(pack, batched=True, remove_columns=tokenized["train"].column_names)
+
+
+def _check_labels(raw, field: str, num_labels: int, source: str) -> None:
+    for split, rows in raw.items():
+        bad = [y for y in rows[field] if not isinstance(y, int) or isinstance(y, bool) or not 0 <= y < num_labels]
+        if bad:
+            raise ValueError(f"{source}: data.{split} field {field!r} holds {bad[0]!r}; expected class indices 0..{num_labels - 1} "
+                             f"(model.num_labels {num_labels})")
 
 
 def _prompt_completion_rows(batch: dict, data, tokenizer) -> dict:
@@ -141,7 +160,10 @@ def _optimizer_args(recipe: Recipe, max_steps: int) -> dict:
 
 
 class GracefulStop(TrainerCallback):
-    """On SIGTERM, save a checkpoint after the current step and stop."""
+    """On SIGTERM, save a checkpoint after the current step and stop (``received``: a SIGTERM came
+    in this process, so the recipes after this one do not start)."""
+
+    received = False
 
     def __init__(self) -> None:
         self.requested = False
@@ -149,7 +171,7 @@ class GracefulStop(TrainerCallback):
 
     def _on_signal(self, signum, frame) -> None:
         print("modular train: SIGTERM received, saving a checkpoint and stopping", file=sys.stderr, flush=True)
-        self.requested = True
+        self.requested = GracefulStop.received = True
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.requested:
@@ -162,11 +184,19 @@ class GracefulStop(TrainerCallback):
 
 
 def _collator(recipe: Recipe, tokenizer):
-    from transformers import DataCollatorForLanguageModeling, DataCollatorForSeq2Seq
+    from transformers import DataCollatorForLanguageModeling, DataCollatorForSeq2Seq, DataCollatorWithPadding
 
+    if recipe.data.label_field:
+        return DataCollatorWithPadding(tokenizer)
     if recipe.data.is_prompt_completion:
         return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)  # keeps the -100 prompt labels
     return DataCollatorForLanguageModeling(tokenizer, mlm=False)
+
+
+def _accuracy(prediction) -> dict:
+    """Classification runs: ``eval_accuracy`` next to ``eval_loss``."""
+    logits, labels = prediction.predictions, prediction.label_ids
+    return {"accuracy": float((logits.argmax(-1) == labels).mean())}
 
 
 def _training_arguments(recipe: Recipe, resume: str | None = None):
@@ -224,9 +254,12 @@ def run_recipe(recipe: Recipe) -> Path:
     model = _build_model(recipe)
     calibration = [{"input_ids": torch.tensor(row["input_ids"])[None]} for row in data["train"].select(range(min(16, len(data["train"]))))]
     model = _inject(model, recipe, calibration)
+    injected = {r["kind"] for r in injection_records(model)}  # the recipe's and those the saved model carries
 
+    collator = _collator(recipe, tokenizer)
+    probe = _fit_head(model, recipe, data, collator)
     callbacks = [GracefulStop()]
-    if any(i["kind"] == "adamoe" for i in recipe.injections):
+    if "adamoe" in injected:
         from finetune.aux_loss import MoEAuxLossCallback
 
         callbacks.append(MoEAuxLossCallback())
@@ -235,8 +268,9 @@ def run_recipe(recipe: Recipe) -> Path:
         args=args,
         train_dataset=data["train"],
         eval_dataset=data.get("eval"),
-        data_collator=_collator(recipe, tokenizer),
+        data_collator=collator,
         callbacks=callbacks,
+        compute_metrics=_accuracy if recipe.data.label_field else None,
         **_optimizer_args(recipe, args.max_steps),
     )
     if recipe.optimizer.name == "onebit_adam":
@@ -254,16 +288,48 @@ def run_recipe(recipe: Recipe) -> Path:
     if any(cb.requested for cb in callbacks if isinstance(cb, GracefulStop)):
         print("modular train: stopped on request; re-run the same command to resume", flush=True)
         return Path(get_last_checkpoint(recipe.output_dir) or recipe.output_dir)
-    metrics = {"eval_loss": trainer.evaluate()["eval_loss"]} if data.get("eval") is not None else {}
+    metrics = {k: v for k, v in trainer.evaluate().items() if k in ("eval_loss", "eval_accuracy")} if data.get("eval") is not None else {}
+    if recipe.optimizer.name == "onebit_adam":
+        metrics["onebit_adam_comm"] = _comm_stats(trainer, args.max_steps)
+    if probe is not None:
+        metrics["head_probe"] = probe
     final = Path(recipe.output_dir) / "model"
     if trainer.is_world_process_zero():
         _write_outputs(trainer, tokenizer, final, metrics, data.get("eval"))
     return final
 
 
+def _fit_head(model: torch.nn.Module, recipe: Recipe, data: dict, collator) -> dict | None:
+    """``head_init: probe``: the classification head fitted on the frozen model (every rank fits
+    the same one: same data, deterministic solver). Returns what was chosen."""
+    if recipe.model.task != "sequence_classification" or recipe.model.head_init != "probe":
+        return None
+    from torch.utils.data import DataLoader
+
+    from finetune.heads import fit_linear_probe
+
+    def batches(split):
+        return None if split not in data else DataLoader(data[split], batch_size=64, collate_fn=collator)
+
+    probe = fit_linear_probe(model, batches("train"), batches("eval"))
+    print(f"modular train: head fitted on the frozen model (L2 {probe['l2']:g}, train accuracy {probe['train_accuracy']:.3f})",
+          flush=True)
+    return probe
+
+
+def _comm_stats(trainer, max_steps: int) -> dict:
+    """1-bit Adam's bytes on the wire from this rank: the fp32 all-reduce of its warm-up steps and
+    the compressed one after (since this process started: a resumed run counts its own part)."""
+    optimizer = trainer.optimizer
+    while not hasattr(optimizer, "comm_stats"):  # accelerate / DeepSpeed wrappers
+        optimizer = optimizer.optimizer
+    stats = optimizer.comm_stats
+    return {"bytes_sent": dict(stats.bytes_sent), "calls": stats.calls, "freeze_step": optimizer.freeze_step,
+            "steps": min(optimizer.global_step, max_steps)}
+
+
 def _write_outputs(trainer, tokenizer, final: Path, metrics: dict, eval_data) -> None:
     from modular.checkpoint import atomic_output_dir, atomic_write_text
-    from modular.surgery import injection_records
 
     model = trainer.model
     with atomic_output_dir(final, force=True) as tmp:
@@ -275,7 +341,7 @@ def _write_outputs(trainer, tokenizer, final: Path, metrics: dict, eval_data) ->
 
         batch = trainer.data_collator([eval_data[i] for i in range(min(8, len(eval_data)))])
         with torch.no_grad():
-            model.eval()(input_ids=batch["input_ids"].to(model.device))
+            model.eval()(**{k: batch[k].to(model.device) for k in ("input_ids", "attention_mask") if k in batch})
         metrics["routing_stats"] = routing_stats(model)
         metrics["mean_experts_per_token"] = mean_experts_per_token(metrics["routing_stats"])
     schedule = Path(trainer.args.output_dir) / "lisa_schedule.json"
@@ -304,17 +370,28 @@ def _plot_loss(history: list[dict], path: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """``modular train RECIPE``."""
+    """``modular train RECIPE...``: the recipes one after the other in the same processes (a
+    launcher's start-up, e.g. DeepSpeed's, is paid once); all are checked before the first runs."""
     from finetune.launch import close_process_group
 
-    run_recipe(load_recipe(args.recipe))
+    recipes = [load_recipe(path) for path in args.recipes]
+    for i, recipe in enumerate(recipes):
+        if i:
+            from accelerate.state import AcceleratorState
+
+            # each recipe's Trainer builds its own Accelerator (DeepSpeed plugin included), which
+            # accelerate allows once per state: start the next from a clean one (the process group stays)
+            AcceleratorState._reset_state(reset_partial_state=False)
+        run_recipe(recipe)
+        if GracefulStop.received:
+            break
     close_process_group()
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m modular.app.train")
-    parser.add_argument("recipe")
+    parser.add_argument("recipes", nargs="+", metavar="recipe")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     return run(parser.parse_args(argv))
 

@@ -61,6 +61,13 @@ def test_valid_recipe_resolves_paths_relative_to_the_file(recipe_dir, write_reci
         ({"deepspeed": "no-such-config"}, "neither a file nor a packaged DeepSpeed config"),
         ({"training": {"output_dir": "x"}}, "set by the recipe itself"),
         ({"optimizer": {"freeze_step": 3}}, "only applies to name: onebit_adam"),
+        ({"model": {"path": "tok", "task": "sequence_classification"}}, "needs `num_labels`, an integer >= 2; got None"),
+        ({"model": {"path": "tok", "num_labels": 3}}, "`num_labels` only applies to task: sequence_classification"),
+        ({"model": {"path": "tok", "task": "sequence_classification", "num_labels": 3}},
+         "data.label_field .* goes with model.task: sequence_classification"),
+        ({"data": {"train": "train.jsonl", "label_field": "label"}}, "data.label_field .* goes with model.task"),
+        ({"model": {"path": "tok", "task": "classify"}}, "model.task: 'classify' is not allowed"),
+        ({"injections": [{"ffn_experts": {"num_experts": 3, "top_k": 4}}]}, r"top_k must be None or an integer in \[1, num_experts=3\]"),
     ],
 )
 def test_bad_recipes_get_one_clear_error(recipe_dir, write_recipe, sections, match):

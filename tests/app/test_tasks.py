@@ -64,3 +64,11 @@ def test_software_task_maps_sections_to_class_words_and_drops_parentheticals(mon
     for text, label in task.train + task.test:
         section = text.split()[0]
         assert sections[section] == task.classes[label] and "(" not in text
+
+
+def test_validation_split_is_disjoint_and_leaves_the_test_split_of_its_size(fake_gcide):
+    split = tasks.text_tasks(("field",), train=20, validation=10, test=10)["field"]
+    assert (len(split.train), len(split.validation), len(split.test)) == (20, 10, 10)
+    texts = [{t for t, _ in part} for part in (split.train, split.validation, split.test)]
+    assert not (texts[0] & texts[1] or texts[0] & texts[2] or texts[1] & texts[2])
+    assert tasks.text_tasks(("field",), train=30, test=10)["field"].validation == []

@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+import yaml
 
 from finetune.launch import free_port
 from modular import load_model
@@ -16,6 +17,7 @@ from modular.app.corpora import train_tokenizer
 from modular.app.recipe import load_recipe
 from modular.app.train import run_recipe
 from modular.surgery import injection_records
+from modular.testing import tiny_model
 from tests.tiny_inputs import TEXT, write_recipe_data
 
 
@@ -115,3 +117,39 @@ def test_prompt_completion_rows_learn_the_completion_only(recipe_dir, write_reci
     x = tokenizer(" x", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     assert rows["input_ids"][1] == long_prompt[-(12 - len(x)):] + x and len(rows["input_ids"][1]) == 12
     assert rows["labels"][1] == [-100] * (12 - len(x)) + x
+
+
+def test_sequence_classification_on_an_injected_backbone(recipe_dir, write_recipe):
+    """A fresh head on a saved BERT with experts + AdaMoE: probe-fitted, trained, scored, AdaMoE aux loss on."""
+    from moe import AdaMoEConfig, FFNExpertsConfig, inject_adamoe, inject_ffn_experts
+
+    tokenizer = train_tokenizer([TEXT], vocab_size=100)
+    backbone = tiny_model("bert", vocab_size=len(tokenizer))
+    ids = tokenizer([TEXT], return_tensors="pt")["input_ids"][:, :24]
+    inject_ffn_experts(backbone, FFNExpertsConfig(num_experts=4, top_k=2, layers=[1]), [{"input_ids": ids}])
+    inject_adamoe(backbone, AdaMoEConfig(num_null_experts=2, top_k=2))
+    backbone.save_pretrained(recipe_dir / "base")
+    tokenizer.save_pretrained(recipe_dir / "base")
+    words = ["experts", "tokens", "layers"]
+    rows = [{"text": f"{w} {TEXT[:30]} {i}", "label": k} for i in range(12) for k, w in enumerate(words)]
+    (recipe_dir / "cls_train.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:30]))
+    (recipe_dir / "cls_eval.jsonl").write_text("\n".join(json.dumps(r) for r in rows[30:]))
+    path = write_recipe(recipe_dir, {
+        "model": {"path": "base", "task": "sequence_classification", "num_labels": 3},
+        "data": {"train": "cls_train.jsonl", "eval": "cls_eval.jsonl", "label_field": "label", "max_length": 16},
+        "lisa": {"num_active_layers": 1, "interval_steps": 2},
+        "optimizer": {"name": "adamw", "lr": 1e-3},
+        "training": {"max_steps": 4, "per_device_train_batch_size": 4, "logging_steps": 1, "save_strategy": "no"},
+        "output_dir": "cls",
+    })
+    final = run_recipe(load_recipe(path))
+    metrics = json.loads((recipe_dir / "cls" / "metrics.json").read_text())
+    model = load_model(final)
+    assert type(model).__name__ == "BertForSequenceClassification" and model.config.num_labels == 3
+    assert [r["kind"] for r in injection_records(model)] == ["ffn_experts", "adamoe"]
+    assert 0 <= metrics["eval_accuracy"] <= 1 and metrics["head_probe"]["l2"] in (1e-4, 1e-3, 1e-2, 1e-1)
+    assert any("moe_aux_loss" in h for h in metrics["log_history"])  # the saved base's AdaMoE routers are balanced too
+    (recipe_dir / "bad.jsonl").write_text(json.dumps({"text": "x", "label": 3}))
+    bad = write_recipe(recipe_dir, {**yaml.safe_load(path.read_text()), "data": {"train": "bad.jsonl", "label_field": "label"}})
+    with pytest.raises(ValueError, match=r"field 'label' holds 3; expected class indices 0..2"):
+        run_recipe(load_recipe(bad))

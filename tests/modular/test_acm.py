@@ -297,8 +297,10 @@ def test_bad_inputs(tiny, input_ids):
         acmize(tiny("llama"), ACMConfig(), [], progress=False)
     with pytest.raises(ValueError, match="no \\(unmasked\\) tokens"):
         acmize(tiny("llama"), ACMConfig(), [{"input_ids": input_ids, "attention_mask": torch.zeros_like(input_ids)}], progress=False)
-    with pytest.raises(InjectionError, match="GPT2MLP, which ACM does not know how to convert"):
-        acmize(tiny("gpt2"), ACMConfig(), _calib(input_ids), progress=False)
+    odd = tiny("llama")
+    odd.model.layers[0].mlp = torch.nn.Linear(32, 32)
+    with pytest.raises(InjectionError, match="Linear, which cannot be read as a dense FFN"):
+        acmize(odd, ACMConfig(), _calib(input_ids), progress=False)
     with pytest.raises(InjectionError, match="no dense FFN"):
         acmize(tiny("mixtral"), ACMConfig(), _calib(input_ids), progress=False)
     with pytest.raises(InjectionError, match="pattern 'nothing' matches no module"):

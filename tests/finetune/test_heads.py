@@ -1,0 +1,55 @@
+"""finetune.heads: the classification head found in any family, and the linear probe fitted on the
+frozen model (optimality checked by its gradient, L2 chosen on validation)."""
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForSequenceClassification
+
+from finetune.heads import L2_GRID, classification_head, fit_linear_probe, head_features
+from modular.testing import tiny_config
+
+
+def _classifier(model_type, labels=3):
+    torch.manual_seed(0)
+    return AutoModelForSequenceClassification.from_config(tiny_config(model_type, num_labels=labels)).eval()
+
+
+def _batches(seed, n=4):
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, 100, (8, 6), generator=generator)
+        labels = ids[:, 1] % 3  # the class is written in the second token
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+    return out
+
+
+def test_head_of_each_family():
+    bert = _classifier("bert")
+    assert classification_head(bert) is bert.classifier
+    llama = _classifier("llama")
+    assert classification_head(llama) is llama.score and llama.score.bias is None
+
+
+def test_probe_is_the_penalised_logistic_regression_and_l2_is_chosen_on_validation():
+    model = _classifier("bert")
+    train, validation = _batches(0), _batches(1)
+    chosen = fit_linear_probe(model, train, validation)
+    scores = chosen["validation_accuracy"]
+    assert set(scores) == set(L2_GRID)
+    assert chosen["l2"] == max(sorted(scores, reverse=True), key=scores.get)
+    x, y = head_features(model, train)
+    head = model.classifier
+    weight = head.weight.detach().clone().requires_grad_()
+    bias = head.bias.detach().clone().requires_grad_()
+    loss = F.cross_entropy(x @ weight.T + bias, y) + chosen["l2"] / 2 * weight.pow(2).sum()
+    loss.backward()
+    assert weight.grad.abs().max() < 1e-3 and bias.grad.abs().max() < 1e-3  # a minimum of the objective
+    assert chosen["train_accuracy"] == ((x @ head.weight.T + head.bias).argmax(-1) == y).float().mean().item()
+
+
+def test_probe_without_validation_or_bias():
+    model = _classifier("llama")
+    chosen = fit_linear_probe(model, _batches(0))
+    assert chosen["l2"] == sorted(L2_GRID)[len(L2_GRID) // 2] and chosen["validation_accuracy"] == {}
+    assert model.score.bias is None and model.score.weight.abs().sum() > 0
