@@ -95,11 +95,11 @@ def tokenizer_for(tasks: dict):
 def _rows_dataset(rows: list[dict], tokenizer):
     from datasets import Dataset
 
-    from modular.app.train import _prompt_completion_rows
+    from modular.app.train_data import prompt_completion_rows
 
     spec = SimpleNamespace(prompt_field="prompt", completion_field="completion", max_length=96)
     columns = {"prompt": [r["prompt"] for r in rows], "completion": [r["completion"] for r in rows]}
-    return Dataset.from_dict(_prompt_completion_rows(columns, spec, tokenizer))
+    return Dataset.from_dict(prompt_completion_rows(columns, spec, tokenizer))
 
 
 # ----------------------------------------------------------------------------- models

@@ -103,11 +103,11 @@ def test_whole_stack_under_the_deepspeed_launcher(recipe_dir, write_recipe):
 
 
 def test_prompt_completion_rows_learn_the_completion_only(recipe_dir, write_recipe):
-    from modular.app.train import _prompt_completion_rows
+    from modular.app.train_data import prompt_completion_rows
 
     tokenizer = train_tokenizer([TEXT])
     data = load_recipe(write_recipe(recipe_dir, TINY_RUN_RECIPE, data={"train": "train.jsonl", "prompt_field": "q", "completion_field": "a", "max_length": 12})).data
-    rows = _prompt_completion_rows({"q": ["experts route", "a b c d e f g h i j k l m n"], "a": [" tokens", " x"]}, data, tokenizer)
+    rows = prompt_completion_rows({"q": ["experts route", "a b c d e f g h i j k l m n"], "a": [" tokens", " x"]}, data, tokenizer)
     prompt = tokenizer("experts route", add_special_tokens=False)["input_ids"]
     answer = tokenizer(" tokens", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     assert rows["input_ids"][0] == prompt + answer
