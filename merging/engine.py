@@ -304,7 +304,7 @@ class _Tensors:
 
     def __init__(self, name: str, base_src, inputs: Sequence, dtype: torch.dtype, vocabulary=None):
         self.name, self.inputs, self.dtype = name, inputs, dtype
-        self.base = self._read(base_src) if base_src is not None else None
+        self.base = self._read(base_src, what="base model") if base_src is not None else None
         self.aligned = None
         if vocabulary is not None:  # re-index rows to the output vocabulary, base last
             thetas = [self._theta(k) for k in range(len(inputs))] + ([self.base] if self.base is not None else [])
@@ -312,10 +312,10 @@ class _Tensors:
             if self.base is not None:
                 self.base = self.aligned[-1]
 
-    def _read(self, source) -> torch.Tensor:
+    def _read(self, source, what: str = "model") -> torch.Tensor:
         tensor = source.get(self.name)
         if not torch.isfinite(tensor).all():
-            raise ValueError(f"model {_label(source)!r}: tensor {self.name!r} contains NaN or inf")
+            raise ValueError(f"{what} {_label(source)!r}: tensor {self.name!r} contains NaN or inf")
         return tensor.to(self.dtype)
 
     def _task_delta(self, k: int) -> torch.Tensor:

@@ -59,7 +59,8 @@ def _check_before_work(config: MergeConfig, out, force: bool) -> None:
     if tokenizer in ("base", "union"):
         tokenizer = None
     if tokenizer is not None and not Path(tokenizer).is_dir():
-        raise FileNotFoundError(f"tokenizer source {tokenizer!r} is not a folder (give base, union or a model folder)")
+        key = "tokenizer_source" if config.tokenizer_source is not None else "tokenizer.source"
+        raise FileNotFoundError(f"{key}: {tokenizer!r} is not a folder (give base, union or a model folder)")
     models = [part for m in config.models for part in str(m.model).split("+")]
     check_output_dir(out, force=force, inputs=[config.base_model, *models, *(m.data for m in config.models), tokenizer])
 

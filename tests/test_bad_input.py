@@ -310,7 +310,7 @@ def test_bad_tokenizer_source_is_reported_before_the_merge(models, tmp_path, mon
         ({"density": -1}, "parameters.density: -1 is not allowed for 'density'; expected a number in (0, 1]"),
         ({"density": 0}, "parameters.density: 0 is not allowed for 'density'; expected a number in (0, 1]"),
         ({"density": "half"}, "parameters.density: 'half' is not allowed for 'density'; expected a number in (0, 1]"),
-        ({"density": [1, 0.7, 0.1]}, "parameters.density: 3 values for 2 models"),
+        ({"density": [1, 0.7, 1.5]}, "parameters.density: 1.5 is not allowed for 'density'; expected a number in (0, 1]"),
     ],
 )
 def test_merge_parameters_out_of_range_are_refused(parameters, message, models, tmp_path, capsys):
