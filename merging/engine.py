@@ -27,7 +27,7 @@ from modular.checkpoint import check_output_dir
 from .methods import REQUIRED, MergeMethod, get_merge_method
 from .output import merge_record, model_card, write_model_folder
 from .parameters import LayerPositions, Setting, resolve_setting
-from .sources import DEFAULT_SHARD_BYTES, DTYPES, as_source, check_compatible
+from .sources import DEFAULT_SHARD_BYTES, DTYPES, as_source, backbone_view, check_compatible
 from .task_vector import TaskVector, open_model
 
 __all__ = ["Settings", "merge"]
@@ -185,6 +185,8 @@ def merge(
     spec.check_models(len(inputs), base_src is not None)
     if out is not None:
         _check_inputs_and_output(out, force, [base_src, *inputs], tokenizer_source)
+    if base_src is not None:  # classifiers fine-tuned from a saved backbone are merged as that backbone
+        inputs = [m if isinstance(m, TaskVector) else backbone_view(base_src, m) for m in inputs]
     reference = base_src if base_src is not None else inputs[0]
     if isinstance(reference, TaskVector):
         raise ValueError(f"merge method {method!r} without a base model needs full models, not task vector {reference.label!r}")

@@ -84,6 +84,7 @@ class _Prefixed:
 
     def __init__(self, source, prefix: str, names: list[str]):
         self.source, self.prefix, self._names = source, prefix, names
+        self.path, self.label = getattr(source, "path", None), getattr(source, "label", None)
 
     def names(self) -> list[str]:
         return self._names
