@@ -1,6 +1,8 @@
-"""AdaMerging: entropy, gradient direction, clamping, early stopping, ++ inputs, outputs and the CLI."""
+"""AdaMerging: entropy and agreement, gradient direction, clamping, early stopping, ++ inputs,
+the data (generators, whole inputs, shuffling), outputs and the CLI."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -13,6 +15,8 @@ from modular.app.cli import main
 from modular.testing import tiny_model
 
 from .conftest import perturbed
+
+PAPER = {"objective": "entropy", "init": 0.3}  # the paper's objective and start (the defaults are agreement, init search)
 
 
 def test_entropy_by_hand():
@@ -60,7 +64,7 @@ def _toy_loss(model, tvs, tasks, lam):
 def test_first_adam_step_follows_the_entropy_gradient(granularity, rows):
     model, tvs, tasks = _toy_setup()
     before = {n: p.clone() for n, p in model.state_dict().items()}
-    result = adamerge(model, tvs, tasks, granularity=granularity, steps=1, lr=0.01, progress=False)
+    result = adamerge(model, tvs, tasks, granularity=granularity, steps=1, lr=0.01, progress=False, **PAPER)
     lam0 = torch.full((rows, 2), 0.3)
     grad = torch.zeros_like(lam0)
     for idx in [(r, k) for r in range(rows) for k in range(2)]:  # central finite differences
@@ -96,27 +100,29 @@ def test_own_task_gradient_stops_a_task_vector_being_driven_by_other_tasks():
     x = torch.randn(16, 4)
     tasks = [EntropyTask("0", [{"x": x}], logits=lambda out, b: out.logits[:, :2]),
              EntropyTask("1", [{"x": x}], logits=lambda out, b: out.logits[:, 2:])]
-    summed = adamerge(model, tvs, tasks, granularity="task", steps=1, lr=0.01, progress=False)
-    own = adamerge(model, tvs, tasks, granularity="task", steps=1, lr=0.01, own_task_gradient=True, progress=False)
+    summed = adamerge(model, tvs, tasks, granularity="task", steps=1, lr=0.01, progress=False, **PAPER)
+    own = adamerge(model, tvs, tasks, granularity="task", steps=1, lr=0.01, own_task_gradient=True, progress=False, **PAPER)
     assert torch.isclose(summed.coefficients[0, 0], torch.tensor(0.31))
     assert torch.isclose(own.coefficients[0, 0], torch.tensor(0.29))
 
 
 def test_clamped_coefficients_stay_at_the_bound():
     model, tvs, tasks = _sharpening_setup()
-    clamped = adamerge(model, tvs, tasks, init=0.95, lr=0.05, steps=20, granularity="task", progress=False)
+    clamped = adamerge(model, tvs, tasks, objective="entropy", init=0.95, lr=0.05, steps=20, granularity="task", progress=False)
     assert torch.equal(clamped.coefficients, torch.ones(1, 2))
-    free = adamerge(model, tvs, tasks, init=0.95, lr=0.05, steps=20, granularity="task", clamp=None, progress=False)
+    free = adamerge(model, tvs, tasks, objective="entropy", init=0.95, lr=0.05, steps=20, granularity="task", clamp=None,
+                    progress=False)
     assert (free.coefficients > 1.5).all()
     assert free.entropy[-1] < free.entropy[0]
 
 
 def test_regularisation_toward_init_and_early_stopping():
     model, tvs, tasks = _sharpening_setup()
-    free = adamerge(model, tvs, tasks, lr=0.05, steps=30, granularity="task", progress=False)
-    pulled = adamerge(model, tvs, tasks, lr=0.05, steps=30, granularity="task", reg_to_init=50.0, progress=False)
+    free = adamerge(model, tvs, tasks, lr=0.05, steps=30, granularity="task", progress=False, **PAPER)
+    pulled = adamerge(model, tvs, tasks, lr=0.05, steps=30, granularity="task", reg_to_init=50.0, progress=False, **PAPER)
     assert (pulled.coefficients - 0.3).abs().max() < (free.coefficients - 0.3).abs().min() / 3
-    stopped = adamerge(model, tvs, tasks, lr=0.05, steps=30, granularity="task", patience=2, min_delta=0.5, progress=False)
+    stopped = adamerge(model, tvs, tasks, lr=0.05, steps=30, granularity="task", patience=2, min_delta=0.5, progress=False,
+                       **PAPER)
     assert len(stopped.entropy) == 3  # best at step 0, then 2 steps without a 50 % improvement
 
 
@@ -130,14 +136,30 @@ def test_adamerging_plus_plus_uses_ties_processed_vectors():
 
 def test_bad_input():
     model, tvs, tasks = _toy_setup()
-    with pytest.raises(ValueError, match="adamerging needs unlabelled data"):
+    with pytest.raises(ValueError, match="task 't0': no batches"):
         adamerge(model, tvs, [EntropyTask("t0", []), tasks[1]], progress=False)
+    with pytest.raises(ValueError, match="task 't0': no batches"):
+        adamerge(model, tvs, [EntropyTask("t0", (b for b in [])), tasks[1]], progress=False)
+    with pytest.raises(TypeError, match="task 't1': batch 0 is Tensor"):
+        adamerge(model, tvs, [tasks[0], EntropyTask("t1", [torch.ones(3)])], progress=False)
+    with pytest.raises(ValueError, match="exactly one of batches"):
+        EntropyTask("t0")
+    with pytest.raises(ValueError, match="same number of rows"):
+        EntropyTask("t0", inputs={"x": torch.ones(3, 2), "y": torch.ones(4)})
     with pytest.raises(ValueError, match="2 task vectors but 1 tasks"):
         adamerge(model, tvs, tasks[:1], progress=False)
     with pytest.raises(KeyError, match="not parameters of the model"):
         adamerge(model, [TaskVector.from_tensors({"nope": torch.ones(1)})] * 2, tasks, progress=False)
-    with pytest.raises(ValueError, match="granularity: 'block' is not allowed"):
-        AdaMergingConfig(granularity="block")
+    with pytest.raises(ValueError, match="granularity: 'tensor' is not allowed"):
+        AdaMergingConfig(granularity="tensor")
+    with pytest.raises(ValueError, match="objective: 'accuracy' is not allowed"):
+        AdaMergingConfig(objective="accuracy")
+    with pytest.raises(ValueError, match="init: expected a number or 'search'"):
+        AdaMergingConfig(init="zero")
+    with pytest.raises(ValueError, match="batch_size: must be >= 1"):
+        AdaMergingConfig(batch_size=0)
+    with pytest.raises(ValueError, match="change no parameter"):
+        adamerge(model, [TaskVector.from_tensors({})] * 2, tasks, progress=False)
 
 
 def test_classifier_heads_and_outputs(tmp_path):
@@ -183,7 +205,7 @@ def test_causal_lm_adamerging_from_the_cli(tmp_path):
         (tmp_path / f"p{k}.txt").write_text("\n".join(f"prompt {k} number {i}" for i in range(5)))
         models.append({"model": str(tmp_path / f"ft{k}"), "data": str(tmp_path / f"p{k}.txt")})
     config = {"merge_method": "adamerging", "base_model": str(tmp_path / "base"), "models": models,
-              "adamerging": {"granularity": "layer", "steps": 3, "batch_size": 2, "max_length": 16}}
+              "adamerging": {"granularity": "layer", "steps": 3, "batch_size": 2, "max_length": 16, "init": 0.5}}
     (tmp_path / "m.yaml").write_text(yaml.safe_dump(config))
     assert main(["merge", str(tmp_path / "m.yaml"), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
     out = tmp_path / "out"
@@ -203,7 +225,7 @@ def test_callback_snapshots_and_per_task_entropy():
     clamp=None where λ is the optimised tensor itself); per-task entropies sum to the total."""
     model, tvs, tasks = _toy_setup()
     seen = []
-    result = adamerge(model, tvs, tasks, granularity="task", steps=3, lr=0.01, clamp=None, progress=False,
+    result = adamerge(model, tvs, tasks, granularity="task", steps=3, lr=0.01, clamp=None, progress=False, **PAPER,
                       callback=lambda step, snap: seen.append((step, snap.coefficients.clone(), snap.entropy[-1])))
     assert [s for s, _, _ in seen] == [0, 1, 2]
     assert torch.equal(seen[0][1], torch.full((1, 2), 0.3))

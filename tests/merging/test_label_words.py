@@ -91,3 +91,25 @@ def test_label_words_sharing_a_first_token_are_refused(tokenizer):
 def test_labels_must_match_prompts():
     with pytest.raises(ValueError, match="2 labels for 1 prompts"):
         LabelWordTask("fruit", ["x"], WORDS, labels=[0, 1])
+
+
+@pytest.mark.parametrize("objective", ["entropy", "agreement"])
+def test_causal_lm_adamerging_on_label_words(tokenizer, objective):
+    """Label-word AdaMerging of two tiny llamas: agreement starts at 0 on the task model itself,
+    and one fused forward over both tasks' prompts gives the same step as one forward per task."""
+    from merging import TaskVector, adamerge
+    from modular.testing import tiny_model
+
+    from .conftest import perturbed
+
+    base = tiny_model("llama", vocab_size=len(tokenizer), pad_token_id=0)
+    tvs = [TaskVector.from_models(base, perturbed(tiny_model("llama", vocab_size=len(tokenizer), pad_token_id=0), seed=k)) for k in range(2)]
+    tasks = [LabelWordTask("a", ["the apple and", "the cherry fruit salad and the"], WORDS).entropy_task(tokenizer),
+             LabelWordTask("b", ["banana", "the fruit"], WORDS[:2]).entropy_task(tokenizer)]
+    fused = adamerge(base, tvs, tasks, steps=2, lr=0.01, objective=objective, progress=False)
+    apart = adamerge(base, tvs, tasks, steps=2, lr=0.01, objective=objective, fuse_tasks=False, progress=False)
+    assert torch.allclose(fused.coefficients, apart.coefficients, atol=1e-6)
+    assert torch.allclose(torch.tensor(fused.task_entropy), torch.tensor(apart.task_entropy), atol=1e-5)
+    if objective == "agreement":
+        own = adamerge(base, tvs[:1], tasks[:1], steps=1, init=1.0, granularity="task", objective=objective, progress=False)
+        assert own.entropy[0] < 1e-6
