@@ -16,7 +16,18 @@ One maps a Debian package's one-line description (apt's package index) to its se
 * ``software``: games / graphics / email (section mail) / science / audio (section sound),
   with a trailing parenthetical such as "(data files)" removed.
 
+Four more from other offline sources (the AdaMerging confirmation set):
+
+* ``wn_noun``: a WordNet 3.0 noun gloss (definition only, no lemma, no example sentence) ->
+  its lexicographer file: act / artifact / person / state;
+* ``wn_verb``: the same for verbs: change / communication / contact / motion;
+* ``foldoc``: the first paragraph of a FOLDOC entry, category tags removed -> its first
+  category: hardware (FOLDOC's hardware, processor and storage) / language / networking /
+  programming;
+* ``fortune``: a fortune cookie -> its fortune file: politics / science / songs-poems / work.
+
 Classes are balanced and the split is seeded, so every run sees the same examples.
+``TASK_SETS`` names the development and confirmation sets of the AdaMerging benchmark.
 """
 
 from __future__ import annotations
@@ -25,9 +36,9 @@ import random
 import re
 from dataclasses import dataclass, field
 
-from .corpora import debian_package_descriptions, gcide_entries
+from .corpora import debian_package_descriptions, foldoc_entries, fortune_cookies, gcide_entries, wordnet_glosses
 
-__all__ = ["GCIDE_TASKS", "TASK_NAMES", "TextTask", "text_tasks"]
+__all__ = ["GCIDE_TASKS", "TASK_NAMES", "TASK_SETS", "TextTask", "text_tasks"]
 
 _HEADER = re.compile(r"^(?P<word>[^\\\n]+?) \\[^\\]*\\(?: \([^)]*\))?,? (?P<pos>n\.|v\. t\.|v\. i\.|a\.|adv\.)")
 _POS = {"n.": "noun", "v. t.": "verb", "v. i.": "verb", "a.": "adjective", "adv.": "adverb"}
@@ -40,8 +51,15 @@ _ORIGINS = {"L": "latin", "F": "french", "Gr": "greek", "AS": "anglo-saxon"}
 _ORIGIN_MARK = re.compile(r"\[(L|F|Gr|AS)\.")
 _SECTIONS = {"games": "games", "graphics": "graphics", "mail": "email", "science": "science", "sound": "audio"}
 _PARENTHETICAL = re.compile(r"\s*\([^)]*\)\s*$")
+_WORDNET_CLASSES = {"wn_noun": ("noun", ("act", "artifact", "person", "state")),
+                    "wn_verb": ("verb", ("change", "communication", "contact", "motion"))}
+_FOLDOC_CLASSES = {"hardware": "hardware", "processor": "hardware", "storage": "hardware",
+                   "language": "language", "networking": "networking", "programming": "programming"}
+_FORTUNE_FILES = ("politics", "science", "songs-poems", "work")
 GCIDE_TASKS = ("pos", "domain", "field", "etymology")
-TASK_NAMES = (*GCIDE_TASKS, "software")
+TASK_NAMES = (*GCIDE_TASKS, "software", "wn_noun", "wn_verb", "foldoc", "fortune")
+# the AdaMerging benchmark's task sets: every choice is made on "dev"; "confirm" only checks it
+TASK_SETS = {"dev": ("pos", "domain", "etymology", "software"), "confirm": ("wn_noun", "wn_verb", "foldoc", "fortune")}
 
 
 @dataclass
@@ -96,18 +114,53 @@ def _software_pools() -> dict[str, dict[str, list[str]]]:
     return {"software": pools}
 
 
+def _wordnet_pools(name: str) -> dict[str, list[str]]:
+    """Lexicographer file -> glosses of 3 words or more."""
+    pos, classes = _WORDNET_CLASSES[name]
+    pools: dict[str, list[str]] = {}
+    for lexname, definition in wordnet_glosses(pos):
+        cls = lexname.split(".", 1)[1]
+        if cls in classes and len(definition.split()) >= 3:
+            pools.setdefault(cls, []).append(definition)
+    return pools
+
+
+def _foldoc_pools() -> dict[str, list[str]]:
+    """First paragraph -> first category; entries under 6 words (bare cross-references) are skipped."""
+    pools: dict[str, list[str]] = {}
+    for _, tags, paragraph in foldoc_entries():
+        if tags and tags[0] in _FOLDOC_CLASSES and len(paragraph.split()) >= 6:
+            pools.setdefault(_FOLDOC_CLASSES[tags[0]], []).append(paragraph)
+    return pools
+
+
+def _fortune_pools() -> dict[str, list[str]]:
+    return {name: [c for c in fortune_cookies(name) if len(c.split()) >= 3] for name in _FORTUNE_FILES}
+
+
 def _class_pools(names: tuple[str, ...]) -> dict[str, dict[str, list[str]]]:
     """Class -> texts for each requested task, reading only the corpora those tasks need."""
     pools = _gcide_pools() if set(names) & set(GCIDE_TASKS) else {}
     if "software" in names:
         pools.update(_software_pools())
+    for name in set(names) & set(_WORDNET_CLASSES):
+        pools[name] = _wordnet_pools(name)
+    if "foldoc" in names:
+        pools["foldoc"] = _foldoc_pools()
+    if "fortune" in names:
+        pools["fortune"] = _fortune_pools()
     return pools
 
 
 def text_tasks(names: tuple[str, ...] = TASK_NAMES, *, train: int = 1200, test: int = 400, validation: int = 0,
                seed: int = 0) -> dict[str, TextTask]:
     """Balanced, seeded classification tasks (``train`` + ``validation`` + ``test`` examples each,
-    disjoint; with ``validation=0`` the splits are those of earlier versions)."""
+    disjoint; with ``validation=0`` the splits are those of earlier versions).
+
+    ``names`` may also be one task's name or a key of ``TASK_SETS`` (``"dev"``, ``"confirm"``).
+    """
+    if isinstance(names, str):
+        names = TASK_SETS.get(names, (names,))
     unknown = set(names) - set(TASK_NAMES)
     if unknown:
         raise KeyError(f"unknown task(s) {sorted(unknown)}; known: {', '.join(TASK_NAMES)}")
