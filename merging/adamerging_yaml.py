@@ -7,7 +7,7 @@ the ``adamerging:`` section and the run over the config's folders.
     base_model: ./base
     models:
       - {model: ./ft-a, data: a_prompts.txt}      # unlabelled inputs: .txt one a line, or .jsonl with a "text" field
-    adamerging: {granularity: layer, steps: 200}  # AdaMergingConfig fields + batch_size, max_length
+    adamerging: {objective: agreement, steps: 100}  # AdaMergingConfig fields (same defaults) + max_length
 
 Two kinds of task models:
 
@@ -35,15 +35,15 @@ __all__ = ["AdaMergingSection", "head_logits", "read_unlabelled", "run_adamergin
 
 @dataclass
 class AdaMergingSection(AdaMergingConfig):
-    """``AdaMergingConfig`` plus how the unlabelled inputs become batches."""
+    """``AdaMergingConfig`` (every field, the same defaults) plus ``max_length``: the tokens an
+    input is truncated to (``batch_size`` inputs per task per step)."""
 
-    batch_size: int = 16
     max_length: int = 128
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.batch_size < 1 or self.max_length < 2:
-            raise ValueError("batch_size must be >= 1 and max_length >= 2")
+        if self.max_length < 2:
+            raise ValueError(f"max_length: must be >= 2, got {self.max_length}")
 
     def method_config(self) -> AdaMergingConfig:
         names = AdaMergingConfig.__dataclass_fields__

@@ -18,7 +18,7 @@
     # this project's additions:
     compute_dtype: float32          # the dtype methods compute in: float32 (default), a dtype, or `mergekit` (= dtype)
     out_shard_size: 500MB
-    adamerging: {granularity: layer, steps: 200}   # merge_method: adamerging only
+    adamerging: {objective: agreement, steps: 100}   # merge_method: adamerging only: AdaMergingConfig fields
 
 Which keys a method accepts, per model or globally, with which defaults and ranges, is read from
 the method registry (:mod:`merging.methods.registry`); defaults are mergekit's for YAML. What

@@ -66,3 +66,47 @@ def test_apt_index_stored_lz4_compressed(tmp_path):
     subprocess.run(["lz4", "-q", str(plain), str(tmp_path / "main_binary-amd64_Packages.lz4")], check=True)
     plain.unlink()
     assert debian_package_descriptions(tmp_path) == [("mail", "text-based mailreader")]
+
+
+def test_wordnet_glosses_lexicographer_file_and_definition_without_examples(tmp_path):
+    from modular.app.corpora import wordnet_glosses
+
+    (tmp_path / "data.verb").write_text(
+        "  1 This software and database is being provided to you, the LICENSEE, by\n"
+        '00001740 29 v 04 breathe 0 take_a_breath 0 respire 0 suspire 3 021 * 00005041 v 0000 02 + 02 00 | '
+        'draw air into, and expel out of, the lungs; "I can breathe better when the air is clean"; "The patient is respiring"  \n'
+        "00002325 30 v 01 respire 1 005 $ 00001740 v 0000 01 + 02 00 | undergo the processes of respiration  \n")
+    # lexicographer files 29 and 30 are verb.body and verb.change (WordNet 3.0's lexnames)
+    assert wordnet_glosses("verb", root=tmp_path) == [
+        ("verb.body", "draw air into, and expel out of, the lungs"), ("verb.change", "undergo the processes of respiration")]
+    with pytest.raises(FileNotFoundError, match="data.noun not found: install the Debian package wordnet-base"):
+        wordnet_glosses("noun", root=tmp_path)
+    with pytest.raises(ValueError, match="pos='nouns'"):
+        wordnet_glosses("nouns", root=tmp_path)
+
+
+def test_foldoc_entries_tags_and_cleaned_first_paragraph(tmp_path):
+    from modular.app.corpora import foldoc_entries
+
+    text = ("00-database-short\n     The Free On-line Dictionary of Computing\n"
+            "Ada\n\n   <language> A {programming language} designed for\n   embedded systems.\n\n"
+            "   Second paragraph, not read.\n\n   (1999-01-02)\n"
+            "router\n\n   <networking, hardware> A device that forwards {packets} (2003-05-06).\n"
+            "see-also\n")
+    with gzip.open(tmp_path / "foldoc.dict.dz", "wt") as f:
+        f.write(text)
+    assert foldoc_entries(tmp_path / "foldoc.dict.dz") == [
+        ("Ada", ["language"], "A programming language designed for embedded systems."),
+        ("router", ["networking", "hardware"], "A device that forwards packets ."),
+    ]
+    with pytest.raises(FileNotFoundError, match="dict-foldoc"):
+        foldoc_entries(tmp_path / "missing.dz")
+
+
+def test_fortune_cookies_split_on_percent_lines(tmp_path):
+    from modular.app.corpora import fortune_cookies
+
+    (tmp_path / "work").write_text("Work is\n   the curse\nof the drinking classes.\n%\nA second one.\n%\n")
+    assert fortune_cookies("work", root=tmp_path) == ["Work is the curse of the drinking classes.", "A second one."]
+    with pytest.raises(FileNotFoundError, match="install the Debian package fortunes"):
+        fortune_cookies("politics", root=tmp_path)

@@ -72,3 +72,36 @@ def test_validation_split_is_disjoint_and_leaves_the_test_split_of_its_size(fake
     texts = [{t for t, _ in part} for part in (split.train, split.validation, split.test)]
     assert not (texts[0] & texts[1] or texts[0] & texts[2] or texts[1] & texts[2])
     assert tasks.text_tasks(("field",), train=30, test=10)["field"].validation == []
+
+
+def test_confirmation_tasks_map_sources_to_their_classes(monkeypatch):
+    """wn_noun / wn_verb keep their four lexicographer files; foldoc merges hardware, processor and
+    storage and takes the first tag; fortune labels a cookie by its file; short texts are dropped."""
+    nouns = [(f"noun.{c}", f"a {c} gloss number {i}") for c in ("act", "artifact", "person", "state", "animal") for i in range(3)]
+    verbs = [(f"verb.{c}", f"to {c} something {i}") for c in ("change", "communication", "contact", "motion") for i in range(3)]
+    verbs.append(("verb.motion", "move fast"))  # under 3 words
+    monkeypatch.setattr(tasks, "wordnet_glosses", lambda pos: {"noun": nouns, "verb": verbs}[pos])
+    foldoc = [(f"h{i}", [tag, "language"], f"an entry about {tag} number {i} here") for tag in ("hardware", "processor", "storage")
+              for i in range(2)]
+    foldoc += [(f"l{i}", ["language"], f"a language entry {i} with words") for i in range(6)]
+    foldoc += [(f"n{i}", ["networking"], f"a networking entry {i} with words") for i in range(6)]
+    foldoc += [(f"p{i}", ["programming"], f"a programming entry {i} with words") for i in range(6)]
+    foldoc += [("x", ["games"], "a games entry that is not a class"), ("y", ["language"], "too short")]
+    monkeypatch.setattr(tasks, "foldoc_entries", lambda: foldoc)
+    monkeypatch.setattr(tasks, "fortune_cookies", lambda name: [f"{name} cookie number {i}" for i in range(3)] + ["two words"])
+    monkeypatch.setattr(tasks, "gcide_entries", lambda: pytest.fail("GCIDE read for the confirmation set"))
+    got = tasks.text_tasks("confirm", train=8, validation=0, test=4)
+    assert list(got) == ["wn_noun", "wn_verb", "foldoc", "fortune"]
+    assert got["wn_noun"].classes == ["act", "artifact", "person", "state"]
+    assert got["foldoc"].classes == ["hardware", "language", "networking", "programming"]
+    assert got["fortune"].classes == ["politics", "science", "songs-poems", "work"]
+    for task in got.values():
+        for text, label in task.train + task.test:
+            assert len(text.split()) >= 3
+            if task.name == "foldoc":
+                expected = "hardware" if text.split()[3] in ("hardware", "processor", "storage") else text.split()[1]
+                assert task.classes[label] == expected
+            else:  # "a act gloss ...", "to change something ...", "politics cookie ..."
+                assert task.classes[label] == text.split()[0 if task.name == "fortune" else 1]
+    assert tasks.TASK_SETS["dev"] == ("pos", "domain", "etymology", "software")
+    assert set(tasks.TASK_SETS["dev"]).isdisjoint(tasks.TASK_SETS["confirm"])

@@ -233,3 +233,28 @@ def test_callback_snapshots_and_per_task_entropy():
         assert torch.isclose(torch.tensor(total), _toy_loss(model, tvs, tasks, lam), atol=1e-6)
         assert abs(sum(per_task) - total) < 1e-5 and len(per_task) == 2
     assert not torch.equal(seen[-1][1], result.coefficients)  # the final λ is one step further
+
+
+def test_yaml_section_has_the_python_defaults_and_every_option(tmp_path):
+    """`modular merge`'s `adamerging:` section: the same defaults as AdaMergingConfig, and the
+    options of the learned merge (objective, init search, block granularity...) reach it."""
+    import dataclasses
+
+    from merging.config import load_merge_config
+
+    (tmp_path / "a.txt").write_text("an input\n")
+
+    def section(adamerging):
+        config = {"merge_method": "adamerging", "base_model": str(tmp_path), "models": [{"model": str(tmp_path), "data": str(tmp_path / "a.txt")}]}
+        if adamerging is not None:
+            config["adamerging"] = adamerging
+        (tmp_path / "m.yaml").write_text(yaml.safe_dump(config))
+        return load_merge_config(tmp_path / "m.yaml").adamerging.method_config()
+
+    assert dataclasses.asdict(section(None)) == dataclasses.asdict(AdaMergingConfig())
+    assert section(None).objective == "agreement" and section(None).init == "search"
+    given = {"objective": "entropy", "init": 0.3, "init_grid": [0.2, 0.4], "granularity": "block", "normalize": True,
+             "fuse_tasks": False, "clamp": None, "lr": 1e-3, "steps": 500, "batch_size": 8, "shuffle": True, "seed": 3}
+    assert {k: getattr(section(given), k) for k in given} == given
+    with pytest.raises(ValueError, match="objective: 'accuracy' is not allowed"):
+        section({"objective": "accuracy"})
