@@ -47,6 +47,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from merging.adamerging import pooled_logits
 from modular.app.minilm import minilm_path
 from modular.app.tasks import TASK_SETS, text_tasks
 from modular.checkpoint import atomic_output_dir, atomic_write_text
@@ -68,14 +69,9 @@ def load_encoder():
     return BertModel.from_pretrained(path, add_pooling_layer=False).eval(), AutoTokenizer.from_pretrained(path)
 
 
-def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T, H), (B, T) -> (B, H): mean of the hidden states over the non-padding tokens."""
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
-
-
-def encode(encoder, batch: dict) -> torch.Tensor:
-    return mean_pool(encoder(**batch).last_hidden_state, batch["attention_mask"])
+def classify(encoder, head: nn.Module, batch: dict) -> torch.Tensor:
+    """``head`` on the encoder's mean-pooled last hidden states (over the non-padding tokens)."""
+    return pooled_logits(head)(encoder(**batch), batch)
 
 
 def tokenize(tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
@@ -113,7 +109,7 @@ def finetune(task, tokenizer, seed: int) -> tuple[dict, nn.Linear]:
     for epoch in range(FINETUNE["epochs"]):
         random.Random(f"{seed}:{epoch}").shuffle(train)
         for step, (inputs, labels) in enumerate(batches(tokenizer, train, FINETUNE["batch"])):
-            loss = nn.functional.cross_entropy(head(encode(encoder, inputs)), labels)
+            loss = nn.functional.cross_entropy(classify(encoder, head, inputs), labels)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -150,7 +146,7 @@ class Evaluator:
         for name, data in self.data[split].items():
             if only is not None and name != only:
                 continue
-            right = sum(int((self.heads[name](encode(self.encoder, x)).argmax(-1) == y).sum()) for x, y in data)
+            right = sum(int((classify(self.encoder, self.heads[name], x).argmax(-1) == y).sum()) for x, y in data)
             accs[name] = right / sum(len(y) for _, y in data)
         if only is None:
             accs["avg"] = sum(accs.values()) / len(accs)
@@ -209,7 +205,7 @@ def unlabelled_tasks(tasks, tokenizer, heads, batch: int, seed: int):
         texts = [t for t, _ in task.test]
         random.Random(f"adamerging:{seed}:{name}").shuffle(texts)
         data = [tokenize(tokenizer, texts[i : i + batch]) for i in range(0, len(texts), batch)]
-        out.append(EntropyTask(name, data, logits=lambda out, b, h=heads[name]: h(mean_pool(out.last_hidden_state, b["attention_mask"]))))
+        out.append(EntropyTask(name, data, logits=pooled_logits(heads[name])))
     return out
 
 
