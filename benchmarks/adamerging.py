@@ -23,6 +23,7 @@ fine-tuning; results are mean ± sd over the seeds.
 
     OMP_NUM_THREADS=1 .venv/bin/python -u benchmarks/adamerging.py                  # both sets, seeds 0,1,2
     OMP_NUM_THREADS=1 .venv/bin/python -u benchmarks/adamerging.py --tasks confirm --seeds 1   # one piece
+    OMP_NUM_THREADS=1 .venv/bin/python -u benchmarks/adamerging.py --runs layer    # layer-wise only, first
 
 Fine-tuned models (safetensors) and per-seed results are cached in benchmarks/out/adamerging/
 (keyed by the task's examples and the settings), so an interrupted run resumes. Last line: JSON
@@ -280,6 +281,7 @@ def main() -> None:
     parser.add_argument("--tasks", default="dev,confirm", help=f"task sets ({', '.join(TASK_SETS)}), comma-separated")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--adamerging", default="{}", help="JSON of AdaMergingConfig overrides (default: the library's defaults)")
+    parser.add_argument("--runs", default="layer,task", help="AdaMerging granularities to run (each seed's results are cached)")
     parser.add_argument("--finetune-only", action="store_true", help="only fine-tune (fill the cache)")
     parser.add_argument("--summary-only", action="store_true", help="only aggregate the cached per-seed results")
     parser.add_argument("--threads", type=int, default=1)
@@ -288,6 +290,9 @@ def main() -> None:
     unknown = [s for s in sets if s not in TASK_SETS]
     if unknown:
         parser.error(f"--tasks: unknown task set(s) {unknown}; expected some of {sorted(TASK_SETS)}")
+    runs = args.runs.split(",")
+    if not set(runs) <= set(RUNS):
+        parser.error(f"--runs: {args.runs!r}; expected some of {','.join(RUNS)}")
     torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
 
@@ -301,7 +306,7 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     for set_name in sets if not args.summary_only else []:
         for seed in seeds:
-            run_seed(set_name, TASK_SETS[set_name], seed, config, list(RUNS), config_tag, args.finetune_only)
+            run_seed(set_name, TASK_SETS[set_name], seed, config, runs, config_tag, args.finetune_only)
     if args.finetune_only:
         return
     results = {s: summary(s, TASK_SETS[s], seeds, config_tag) for s in sets}
