@@ -84,10 +84,10 @@ class AdaMergingConfig:
     - ``fuse_tasks``: run the K tasks' batches as one forward when they can be concatenated
       (same keys; right-padded sequences are padded to a common length): same λ, same loss.
 
-    Measured (benchmarks/RESULTS.md, issue 22): on fully fine-tuned MiniLM encoders with their
-    own heads, the paper's entropy objective drifts past the accuracy optimum the longer it runs
-    (issue 22's held-out tasks: 68.0 after 100 steps, 64.1 after its 500, below task
-    arithmetic's 68.1); agreement does not, and beats TIES and task arithmetic on both task sets.
+    Measured (docs/methods.md, "AdaMerging"; benchmarks/RESULTS.md, issue 22): on fully
+    fine-tuned MiniLM encoders with their own heads, the paper's entropy objective drifts past
+    the accuracy optimum the longer it runs (issue 22's held-out tasks: 68.0 after 100 steps,
+    64.1 after its 500, below task arithmetic's 68.1); agreement does not.
     """
 
     objective: Literal["agreement", "entropy"] = "agreement"
