@@ -235,6 +235,55 @@ def test_callback_snapshots_and_per_task_entropy():
     assert not torch.equal(seen[-1][1], result.coefficients)  # the final λ is one step further
 
 
+def _bert_tasks(lengths=(10, 6)):
+    """Two tasks on a tiny BERT, right-padded batches of different lengths, a head per task."""
+    base = tiny_model("bert")
+    torch.manual_seed(0)
+    heads = [nn.Linear(32, c) for c in (2, 3)]
+    tvs = [TaskVector.from_models(base, perturbed(tiny_model("bert"), seed=k)) for k in range(2)]
+    tasks = []
+    for k, width in enumerate(lengths):
+        ids = torch.randint(3, 128, (4, width))
+        mask = torch.ones_like(ids)
+        mask[1, width // 2 :] = 0
+        tasks.append(EntropyTask(f"task{k}", [{"input_ids": ids * mask, "attention_mask": mask}],
+                                 logits=lambda out, batch, h=heads[k]: h(out.last_hidden_state[:, 0])))
+    return base, tvs, tasks
+
+
+@pytest.mark.parametrize("objective", ["entropy", "agreement"])
+def test_fused_forward_takes_the_same_step(objective):
+    base, tvs, tasks = _bert_tasks()
+    fused = adamerge(base, tvs, tasks, steps=2, lr=0.01, objective=objective, progress=False)
+    apart = adamerge(base, tvs, tasks, steps=2, lr=0.01, objective=objective, fuse_tasks=False, progress=False)
+    assert torch.allclose(torch.tensor(fused.task_entropy), torch.tensor(apart.task_entropy), atol=1e-5)
+    assert torch.allclose(fused.coefficients, apart.coefficients, atol=1e-6)
+
+
+def test_agreement_is_zero_at_the_task_model_and_the_search_finds_it():
+    base, tvs, tasks = _bert_tasks()
+    at_model = adamerge(base, tvs[:1], tasks[:1], steps=1, init=1.0, granularity="task", objective="agreement", progress=False)
+    assert at_model.entropy[0] < 1e-6
+    searched = adamerge(base, tvs[:1], tasks[:1], steps=1, init="search", granularity="task", objective="agreement", progress=False)
+    assert searched.init == 1.0 and searched.entropy[0] < 1e-6
+    normalized = adamerge(base, tvs, tasks, steps=1, objective="entropy", normalize=True, progress=False)
+    plain = adamerge(base, tvs, tasks, steps=1, objective="entropy", progress=False)
+    for norm, raw, classes in zip(normalized.task_entropy[0], plain.task_entropy[0], (2, 3)):
+        assert norm == pytest.approx(raw / math.log(classes), rel=1e-5)
+
+
+def test_block_granularity_rows():
+    from merging.adamerging import block_of
+
+    assert block_of("encoder.layer.3.attention.self.query.weight") == "encoder.layer.3"
+    assert block_of("embeddings.word_embeddings.weight") == "embeddings.word_embeddings"
+    base, tvs, tasks = _bert_tasks()
+    result = adamerge(base, tvs, tasks, steps=1, granularity="block", progress=False)
+    assert "encoder.layer.1" in result.rows and len(result.rows) < len(list(base.parameters()))
+    name = "encoder.layer.1.output.dense.weight"
+    assert result.weights_for(name) == result.coefficients[result.rows.index("encoder.layer.1")].tolist()
+
+
 def test_yaml_section_has_the_python_defaults_and_every_option(tmp_path):
     """`modular merge`'s `adamerging:` section: the same defaults as AdaMergingConfig, and the
     options of the learned merge (objective, init search, block granularity...) reach it."""
