@@ -25,6 +25,12 @@ apt-index:
 	@ls /var/lib/apt/lists/*_Packages* >/dev/null 2>&1 || apt-get update -q || sudo apt-get update -q
 	@command -v lz4cat >/dev/null || apt-get install -y -q lz4 || sudo apt-get install -y -q lz4
 
+# The AdaMerging benchmark's other task set (benchmarks/adamerging.py): WordNet, FOLDOC, fortunes.
+.PHONY: bench-data
+bench-data: apt-index $(GCIDE)
+	dpkg -s wordnet-base dict-foldoc fortunes >/dev/null 2>&1 || apt-get install -y -q wordnet-base dict-foldoc fortunes || \
+		sudo apt-get install -y -q wordnet-base dict-foldoc fortunes
+
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 

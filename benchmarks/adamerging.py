@@ -11,7 +11,7 @@ Task sets (``modular.app.tasks.TASK_SETS``, fixed before any run): ``dev`` (pos,
 etymology, software: every choice of the library's AdaMerging defaults was made on these, seed 0)
 and ``confirm`` (wn_noun, wn_verb, foldoc, fortune: never used for a choice). Each task: train 1100
 / validation 300 / test 300, balanced, drawn by the seed. Data: Debian packages dict-gcide,
-wordnet-base, dict-foldoc, fortunes and apt's package index (``apt-get install`` them first).
+wordnet-base, dict-foldoc, fortunes and apt's package index (``make bench-data`` installs them).
 
 Protocol: everything tuned is chosen on the **validation** split — λ of task arithmetic (grid
 ``TA_GRID``) and of TIES (density 0.2, mergekit combine, grid ``TIES_GRID``; ties go to the
