@@ -250,6 +250,12 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
     return round(statistics.mean(values), 4), round(statistics.stdev(values), 4) if len(values) > 1 else 0.0
 
 
+def _affecting_results(settings: dict) -> dict:
+    """The AdaMerging settings that can change its coefficients: ``stream_task_vectors`` only
+    changes where the deltas are kept (the same coefficients, bit for bit: tests/merging)."""
+    return {k: v for k, v in settings.items() if k != "stream_task_vectors"}
+
+
 def summary(set_name: str, names, seeds: list[int], config_tag: str) -> dict:
     """Means ± sds over the seeds whose results are cached (``*_seeds``: how many)."""
     runs_dir = OUT / "runs"
@@ -302,7 +308,7 @@ def main() -> None:
     (OUT / "runs").mkdir(parents=True, exist_ok=True)
     config = AdaMergingConfig(**json.loads(args.adamerging))
     settings = dataclasses.asdict(config)
-    config_tag = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    config_tag = hashlib.sha256(json.dumps(_affecting_results(settings), sort_keys=True).encode()).hexdigest()[:8]
     seeds = [int(s) for s in args.seeds.split(",")]
     for set_name in sets if not args.summary_only else []:
         for seed in seeds:

@@ -1,12 +1,17 @@
-"""Peak memory of layer-wise AdaMerging at LLM scale: the just-in-time merge against the dense-stacked way.
+"""Peak memory of layer-wise AdaMerging at LLM scale: streamed, in memory, and the dense-stacked way.
 
 K = 4 task models of a llama-architecture causal LM (~320M parameters, random weights: memory
-does not depend on the values) in bf16; the task vectors are random bf16 deltas read tensor by
-tensor (as from checkpoint folders). Each variant runs in its own subprocess (peak RSS is per
-process), a few steps of layer-wise AdaMerging with the library's defaults otherwise:
+does not depend on the values) in bf16, saved as checkpoint folders next to their base (a
+subprocess writes them to a temporary folder first); the task vectors are read from the folders
+tensor by tensor (``TaskVector.from_models``), as a user's would be. Each variant runs in its own
+subprocess (peak RSS is per process), loads the base with ``modular.load_model`` and runs a few
+steps of layer-wise AdaMerging with the library's defaults otherwise:
 
-* ``jit`` (this library, :func:`merging.adamerge`): θ_0 (the model) + the K deltas in the
-  model's dtype; the merged weights are formed per module just in time (merging/jit_merge.py).
+* ``stream`` (this library, ``stream_task_vectors=True``): θ_0 (the model) only; the K deltas of a
+  tensor are read from the folders each time a step needs them (merging/jit_merge.py forms the
+  merged weights per module just in time). This is ``peak_mb``.
+* ``jit`` (this library's default, in memory): θ_0 + the K deltas held in the model's dtype,
+  (1 + K)× one model before the interpreter, the libraries and the activations.
 * ``stacked`` (how it worked before, reimplemented minimally here): the K deltas stacked per
   tensor into (K, ...) in the model's dtype, θ_0 + Σ λ τ rebuilt for every parameter each step
   and run through ``torch.func.functional_call`` (the merged copy lives until backward); the
@@ -14,11 +19,13 @@ process), a few steps of layer-wise AdaMerging with the library's defaults other
   (adamerge_folders), which this minimal version leaves out: it is a lower bound of the old peak.
 
     OMP_NUM_THREADS=1 .venv/bin/python -u benchmarks/adamerging_memory.py
+    OMP_NUM_THREADS=1 .venv/bin/python -u benchmarks/adamerging_memory.py --jobs 3   # the variants at once
 
-Last line: JSON with ``model_mb`` (parameter bytes), ``k``, ``peak_mb`` (peak RSS of the jit
+Last line: JSON with ``model_mb`` (parameter bytes), ``k``, ``peak_mb`` (peak RSS of the streamed
 process), ``baseline_mb`` (its RSS after the imports, before the model exists),
-``seconds_per_step``, ``stacked_peak_mb``, ``stacked_seconds_per_step``, ``bound_mb`` =
-(1 + k) × model_mb, ``within_bound`` and ``config``.
+``seconds_per_step``, ``in_memory_peak_mb`` / ``in_memory_seconds_per_step`` (the default),
+``stacked_peak_mb``, ``stacked_seconds_per_step``, ``bound_mb`` = (1 + k) × model_mb,
+``within_bound`` and ``config``.
 """
 
 from __future__ import annotations
@@ -29,8 +36,10 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import zlib
+from pathlib import Path
 
 import torch
 
@@ -63,18 +72,16 @@ def random_model(dtype: torch.dtype):
         torch.set_default_dtype(default)
 
 
-def random_task_vectors(model, k: int, scale: float = 1e-3):
-    """K lazy task vectors of seeded random deltas in the model's dtype, produced tensor by tensor."""
-    from merging import TaskVector
-
-    params = dict(model.named_parameters())
-
-    def delta(task: int, name: str) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(zlib.crc32(f"{task}:{name}".encode()))
-        p = params[name]
-        return torch.randn(p.shape, generator=generator, dtype=p.dtype) * scale
-
-    return [TaskVector({n: p.shape for n, p in params.items()}, lambda n, t=t: delta(t, n), label=f"task{t}") for t in range(k)]
+def write_task_models(folder: Path, k: int, scale: float = 1e-3) -> None:
+    """``folder/base`` and ``folder/task{t}`` (base + seeded random bf16 deltas), save_pretrained folders."""
+    model = random_model(torch.bfloat16)
+    model.save_pretrained(folder / "base")
+    base = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    for t in range(k):
+        for name, tensor in model.state_dict().items():
+            generator = torch.Generator().manual_seed(zlib.crc32(f"{t}:{name}".encode()))
+            tensor.copy_(base[name] + torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype) * scale)
+        model.save_pretrained(folder / f"task{t}")
 
 
 def unlabelled_tasks(k: int, batch: int, length: int, vocab: int):
@@ -86,12 +93,12 @@ def unlabelled_tasks(k: int, batch: int, length: int, vocab: int):
             for t in range(k)]
 
 
-def run_jit(model, tvs, tasks, steps: int) -> list[float]:
+def run_library(model, tvs, tasks, steps: int, stream: bool) -> list[float]:
     """Library AdaMerging (defaults, layer-wise); the wall time of each step, from the callback."""
     from merging import AdaMergingConfig, adamerge
 
     stamps = []
-    adamerge(model, tvs, tasks, AdaMergingConfig(granularity="layer", steps=steps), progress=False,
+    adamerge(model, tvs, tasks, AdaMergingConfig(granularity="layer", steps=steps, stream_task_vectors=stream), progress=False,
              callback=lambda step, snapshot: stamps.append(time.perf_counter()))
     return [b - a for a, b in zip(stamps, stamps[1:])]
 
@@ -129,50 +136,76 @@ def one_variant(args) -> dict:
     from transformers import LlamaForCausalLM  # noqa: F401
 
     import merging  # noqa: F401  (imports counted in the baseline)
+    from merging import TaskVector
+    from modular import load_model
 
     baseline = rss_mb()
-    model = random_model(torch.bfloat16)
+    folder = Path(args.folder)
+    model = load_model(folder / "base").eval()
     model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-    tvs = random_task_vectors(model, args.k)
+    tvs = [TaskVector.from_models(folder / "base", folder / f"task{t}", label=f"task{t}") for t in range(args.k)]
     tasks = unlabelled_tasks(args.k, args.batch, args.length, CONFIG["vocab_size"])
-    run = run_jit if args.variant == "jit" else run_stacked
-    times = run(model, tvs, tasks, args.steps)
+    if args.variant == "stacked":
+        times = run_stacked(model, tvs, tasks, args.steps)
+    else:
+        times = run_library(model, tvs, tasks, args.steps, stream=args.variant == "stream")
     return {"variant": args.variant, "model_mb": round(model_mb, 1), "parameters": sum(p.numel() for p in model.parameters()),
-            "peak_mb": round(peak_rss_mb(), 1), "baseline_mb": round(baseline, 1),
+            "dtype": str(model.dtype), "peak_mb": round(peak_rss_mb(), 1), "baseline_mb": round(baseline, 1),
             "seconds_per_step": round(statistics.median(times), 2) if times else None}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variant", choices=["both", "jit", "stacked"], default="both")
+    parser.add_argument("--variant", choices=["all", "stream", "jit", "stacked"], default="all")
+    parser.add_argument("--folder", help="where the task models are (written first when --variant all)")
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch", type=int, default=2, help="sequences per task per step")
     parser.add_argument("--length", type=int, default=32, help="tokens per sequence")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--jobs", type=int, default=1, help="variants run at once (peak RSS is per process; "
+                        "seconds per step are then contended)")
+    parser.add_argument("--write-models", metavar="FOLDER", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.k < 1 or args.steps < 2:
-        parser.error(f"--k must be >= 1 and --steps >= 2 (the first step is not timed); got {args.k}, {args.steps}")
-    if args.variant != "both":
+    if args.write_models:
+        write_task_models(Path(args.write_models), args.k)
+        return
+    if args.k < 1 or args.steps < 2 or args.jobs < 1:
+        parser.error(f"--k and --jobs must be >= 1 and --steps >= 2 (the first step is not timed); "
+                     f"got {args.k}, {args.jobs}, {args.steps}")
+    if args.variant != "all":
+        if not args.folder:
+            parser.error(f"--variant {args.variant} needs --folder (the task models written by --variant all)")
         print(json.dumps(one_variant(args)))
         return
     out = {}
-    for variant in ("jit", "stacked"):
-        command = [sys.executable, "-u", __file__, "--variant", variant, *(f"--{k}={getattr(args, k)}" for k in
-                                                                          ("k", "steps", "batch", "length", "threads"))]
-        done = subprocess.run(command, check=True, capture_output=True, text=True)
-        out[variant] = json.loads(done.stdout.strip().splitlines()[-1])
-        print(f"{variant}: {out[variant]}", flush=True)
-    jit, stacked = out["jit"], out["stacked"]
-    bound = (1 + args.k) * jit["model_mb"]
+    with tempfile.TemporaryDirectory(prefix="adamerging_memory-") as folder:
+        subprocess.run([sys.executable, "-u", __file__, "--write-models", folder, f"--k={args.k}"], check=True)
+        variants = ["stream", "jit", "stacked"]
+        for start in range(0, len(variants), args.jobs):
+            running = {variant: subprocess.Popen(
+                [sys.executable, "-u", __file__, "--variant", variant, "--folder", folder,
+                 *(f"--{k}={getattr(args, k)}" for k in ("k", "steps", "batch", "length", "threads"))],
+                stdout=subprocess.PIPE, text=True) for variant in variants[start : start + args.jobs]}
+            for variant, process in running.items():
+                stdout, _ = process.communicate()
+                if process.returncode:
+                    raise SystemExit(f"variant {variant} failed with exit status {process.returncode}")
+                out[variant] = json.loads(stdout.strip().splitlines()[-1])
+                print(f"{variant}: {out[variant]}", flush=True)
+    stream, jit, stacked = out["stream"], out["jit"], out["stacked"]
+    bound = (1 + args.k) * stream["model_mb"]
     print(json.dumps({
-        "model_mb": jit["model_mb"], "k": args.k, "peak_mb": jit["peak_mb"], "baseline_mb": jit["baseline_mb"],
-        "seconds_per_step": jit["seconds_per_step"], "stacked_peak_mb": stacked["peak_mb"],
+        "model_mb": stream["model_mb"], "k": args.k, "peak_mb": stream["peak_mb"], "baseline_mb": stream["baseline_mb"],
+        "seconds_per_step": stream["seconds_per_step"], "in_memory_peak_mb": jit["peak_mb"],
+        "in_memory_seconds_per_step": jit["seconds_per_step"], "stacked_peak_mb": stacked["peak_mb"],
         "stacked_seconds_per_step": stacked["seconds_per_step"], "bound_mb": round(bound, 1),
-        "within_bound": jit["peak_mb"] <= bound, "peak_above_baseline_mb": round(jit["peak_mb"] - jit["baseline_mb"], 1),
-        "config": {"model": {"architecture": "LlamaForCausalLM", "dtype": "bfloat16", "parameters": jit["parameters"], **CONFIG},
-                   "adamerging": "library defaults, granularity layer", "steps": args.steps, "batch": args.batch,
-                   "length": args.length, "threads": args.threads, "stacked_objective": "entropy"},
+        "within_bound": stream["peak_mb"] <= bound, "in_memory_within_bound": jit["peak_mb"] <= bound,
+        "config": {"model": {"architecture": "LlamaForCausalLM", "dtype": stream["dtype"], "parameters": stream["parameters"],
+                             **CONFIG},
+                   "adamerging": "library defaults, granularity layer (peak_mb: stream_task_vectors=True)",
+                   "steps": args.steps, "batch": args.batch, "length": args.length, "threads": args.threads, "jobs": args.jobs,
+                   "task_vectors": "TaskVector.from_models over save_pretrained folders", "stacked_objective": "entropy"},
     }))
 
 

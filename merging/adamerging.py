@@ -28,6 +28,7 @@ in time (:mod:`merging.jit_merge`): memory is θ_0 + the K task vectors in the m
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
 import json
@@ -52,6 +53,7 @@ __all__ = [
     "entropy", "pooled_logits",
 ]
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 TEACHER_TOP_K = 64  # agreement targets over more than 1024 classes (LM vocabularies) keep their top 64
 
 
@@ -83,6 +85,11 @@ class AdaMergingConfig:
       ``own_task_gradient``: task k's term updates only its own coefficients λ_k (not in the paper).
     - ``fuse_tasks``: run the K tasks' batches as one forward when they can be concatenated
       (same keys; right-padded sequences are padded to a common length): same λ, same loss.
+    - ``stream_task_vectors``: read the K deltas of a tensor from the task vectors' sources (their
+      files) each time a step needs them instead of holding them: memory about one model instead
+      of (1 + K)×, at the cost of reading the task vectors twice per step. Same coefficients.
+      On glibc it also makes the process return freed large blocks to the OS at once
+      (``mallopt(M_MMAP_THRESHOLD, 64 KiB)``, for the rest of the process).
 
     Measured (docs/methods.md, "AdaMerging"; benchmarks/RESULTS.md, issue 22): on fully
     fine-tuned MiniLM encoders with their own heads, the paper's entropy objective drifts past
@@ -108,6 +115,7 @@ class AdaMergingConfig:
     min_delta: float = 1e-3
     own_task_gradient: bool = False
     fuse_tasks: bool = True
+    stream_task_vectors: bool = False
 
     def __post_init__(self) -> None:
         if self.objective not in ("agreement", "entropy"):
@@ -453,15 +461,56 @@ def _check_inputs(model: torch.nn.Module, task_vectors: Sequence[TaskVector], ta
     return names
 
 
+def _deltas_of(param: torch.nn.Parameter, name: str, task_vectors: Sequence[TaskVector]) -> list[torch.Tensor]:
+    """The K deltas of one parameter in its dtype and on its device (zeros where a task leaves it)."""
+    return [tv.get(name).to(device=param.device, dtype=param.dtype) if name in tv else torch.zeros_like(param, requires_grad=False)
+            for tv in task_vectors]
+
+
 def _deltas_in_place(params: Mapping[str, torch.nn.Parameter], names: Sequence[str], task_vectors: Sequence[TaskVector]):
-    """Per parameter, its K deltas in the parameter's dtype and on its device, read tensor by tensor
-    (one float32 delta at a time; no stacked copy)."""
-    deltas = {}
-    for n in tqdm(names, desc="task vectors", disable=len(names) < 200, leave=False):
-        p = params[n]
-        deltas[n] = [tv.get(n).to(device=p.device, dtype=p.dtype) if n in tv else torch.zeros_like(p, requires_grad=False)
-                     for tv in task_vectors]
-    return deltas
+    """Per parameter, its K deltas, read tensor by tensor (one float32 delta at a time; no stacked copy)."""
+    return {n: _deltas_of(params[n], n, task_vectors)
+            for n in tqdm(names, desc="task vectors", disable=len(names) < 200, leave=False)}
+
+
+def _return_freed_blocks_to_the_os() -> None:
+    """glibc: serve every block above 64 KiB by mmap from now on, so the per-module deltas and
+    merged weights a streamed step frees go back to the OS at once. With glibc's adaptive
+    threshold they are kept in the heap, fragmented: 8× the RSS above the model, measured
+    (benchmarks/RESULTS.md, "AdaMerging memory at LLM scale"). Elsewhere, nothing to do."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 64 * 1024)
+    except (OSError, AttributeError):
+        pass
+
+
+class _StreamedDeltas(Mapping):
+    """Parameter name -> its K deltas, read from the task vectors on every lookup. The few last read
+    are kept: backward re-forms a module's merged weight and then needs the same deltas for the
+    coefficient gradient."""
+
+    KEEP = 4  # parameters per module (weight, bias...) with room to spare
+
+    def __init__(self, params: Mapping[str, torch.nn.Parameter], names: Sequence[str], task_vectors: Sequence[TaskVector]):
+        self.params, self.names, self.task_vectors = params, list(names), list(task_vectors)
+        self.known = set(self.names)
+        self.recent: dict[str, list[torch.Tensor]] = {}
+
+    def __getitem__(self, name: str) -> list[torch.Tensor]:
+        if name not in self.recent:
+            if len(self.recent) >= self.KEEP:
+                del self.recent[next(iter(self.recent))]
+            self.recent[name] = _deltas_of(self.params[name], name, self.task_vectors)
+        return self.recent[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.known  # never a read
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 def adamerge(
@@ -492,7 +541,10 @@ def adamerge(
     params = dict(model.named_parameters())
     rows = list(dict.fromkeys(_row_key(n, config.granularity) for n in names))
     row_index = {r: i for i, r in enumerate(rows)}
-    merger = JitMerge(model, _deltas_in_place(params, names, task_vectors), {n: row_index[_row_key(n, config.granularity)] for n in names})
+    if config.stream_task_vectors:
+        _return_freed_blocks_to_the_os()
+    deltas = (_StreamedDeltas if config.stream_task_vectors else _deltas_in_place)(params, names, task_vectors)
+    merger = JitMerge(model, deltas, {n: row_index[_row_key(n, config.granularity)] for n in names})
     was_training, grad_flags = model.training, {n: p.requires_grad for n, p in params.items()}
     model.eval().requires_grad_(False)
     try:
@@ -624,7 +676,8 @@ def adamerge_folders(
     ``tokenizer_source``). Returns the :class:`AdaMergingResult`.
 
     Memory: the base model plus the K deltas in its dtype, read tensor by tensor from the
-    folders (no second full model), when every parameter is saved as one tensor; under
+    folders (no second full model), when every parameter is saved as one tensor (with
+    ``stream_task_vectors``, the base model alone: the deltas are re-read when needed); under
     transformers' weight conversions that are not renames (fused MoE experts) the fine-tuned
     models are loaded as modules to read their parameters, (1 + 2K)× one model.
     """

@@ -27,7 +27,7 @@ from modular.checkpoint import check_output_dir
 from .methods import REQUIRED, MergeMethod, get_merge_method
 from .output import merge_record, model_card, write_model_folder
 from .parameters import LayerPositions, Setting, resolve_setting
-from .sources import DEFAULT_SHARD_BYTES, DTYPES, as_source, backbone_view, check_compatible
+from .sources import DEFAULT_SHARD_BYTES, DTYPES, as_source, backbone_view, check_compatible, check_tokenizer_folder
 from .task_vector import TaskVector, open_model
 
 __all__ = ["Settings", "merge"]
@@ -278,8 +278,7 @@ def _open(model):
 
 def _check_inputs_and_output(out, force: bool, sources: Sequence, tokenizer_source) -> None:
     """Before any work: the tokenizer source exists, and ``out`` is none of the folders read."""
-    if tokenizer_source is not None and not Path(tokenizer_source).is_dir():
-        raise FileNotFoundError(f"tokenizer_source {str(tokenizer_source)!r} is not a folder")
+    check_tokenizer_folder(tokenizer_source, "tokenizer_source")
     folders = [tokenizer_source, *(f for s in sources if s is not None for f in _folders_read(s))]
     check_output_dir(out, force=force, inputs=folders)
 

@@ -25,7 +25,10 @@ to the parameter's dtype, as :func:`merging.merge` writes the final model; bf16 
 deltas give the merge that the engine would write for the same coefficients.
 
 Memory: θ_0 (the model's own parameters) + the K deltas, i.e. (1 + K)× one model with deltas in
-the model's dtype, plus one module's merged parameters and the activations. A step costs one
+the model's dtype, plus one module's merged parameters and the activations. The deltas are looked
+up by name whenever they are needed and never kept by autograd, so a mapping that reads them
+from their files on each lookup brings this down to about one model (AdaMerging's
+``stream_task_vectors``). A step costs one
 forward and one backward of the merged model plus, per merged tensor, 2K multiply-adds and K dot
 products. The model is not modified outside the context (forwards are patched on entry and
 restored on exit). ``torch.func.functional_call`` over θ_0 + Σ λ τ gives the same values and
@@ -34,7 +37,8 @@ gradients (tests/merging/test_jit_merge.py).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -46,31 +50,32 @@ _WIDE = (torch.float32, torch.float64)
 
 
 class _Merge(torch.autograd.Function):
-    """θ_0 + Σ_k lam[k] τ_k for one tensor; saves only references to the deltas."""
+    """θ_0 + Σ_k lam[k] τ_k for one tensor; keeps only how to read the deltas (``fetch``), not them."""
 
     @staticmethod
-    def forward(ctx, lam: torch.Tensor, base: torch.Tensor, *taus: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(*taus)
-        return merged_tensor(lam.detach(), base, taus)
+    def forward(ctx, lam: torch.Tensor, base: torch.Tensor, fetch: Callable[[], Sequence[torch.Tensor]]) -> torch.Tensor:
+        ctx.fetch = fetch
+        return merged_tensor(lam.detach(), base, fetch())
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        taus = ctx.saved_tensors
-        return _coefficient_grad(grad, taus), None, *([None] * len(taus))
+        return _coefficient_grad(grad, ctx.fetch()), None, None
 
 
 class _MergeRows(torch.autograd.Function):
     """Rows ``index`` of θ_0 + Σ_k lam[k] τ_k (an embedding table), without forming the rest."""
 
     @staticmethod
-    def forward(ctx, lam: torch.Tensor, base: torch.Tensor, index: torch.Tensor, *taus: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(index, *taus)
-        return merged_tensor(lam.detach(), base[index], [t[index] for t in taus])
+    def forward(ctx, lam: torch.Tensor, base: torch.Tensor, index: torch.Tensor,
+                fetch: Callable[[], Sequence[torch.Tensor]]) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.fetch = fetch
+        return merged_tensor(lam.detach(), base[index], [t[index] for t in fetch()])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        index, *taus = ctx.saved_tensors
-        return _coefficient_grad(grad, [t[index] for t in taus]), None, None, *([None] * len(taus))
+        (index,) = ctx.saved_tensors
+        return _coefficient_grad(grad, [t[index] for t in ctx.fetch()]), None, None, None
 
 
 def merged_tensor(lam: torch.Tensor, base: torch.Tensor, taus: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -97,7 +102,9 @@ class JitMerge:
         model: the base model; its parameters are θ_0 (left untouched).
         deltas: parameter name (as ``named_parameters`` gives it) -> the K task-vector tensors
             of that parameter (its shape, on its device; a task that leaves it alone may give a
-            zero tensor). Held by reference.
+            zero tensor). Held by reference and looked up each time a merged tensor is formed or
+            differentiated, so a mapping that reads its values from files on each lookup streams
+            the deltas instead of holding them.
         row_of: parameter name -> row of the coefficient matrix that scales its deltas
             (all 0 for one coefficient per task; one row per tensor for layer-wise).
 
@@ -114,12 +121,10 @@ class JitMerge:
         unrowed = [n for n in deltas if n not in row_of]
         if unrowed:
             raise KeyError(f"JitMerge: no coefficient row for {unrowed[:5]}")
-        self.deltas = {n: list(d) for n, d in deltas.items()}
+        self.deltas = deltas
         self.row_of = dict(row_of)
-        counts = {len(d) for d in self.deltas.values()}
-        if len(counts) > 1:
-            raise ValueError(f"JitMerge: every parameter needs the same number of deltas, got {sorted(counts)}")
-        self.num_tasks = counts.pop() if counts else 0
+        first = next(iter(deltas), None)
+        self.num_tasks = len(deltas[first]) if first is not None else 0  # the others are checked as they are read
         name_of = {id(p): n for n, p in params.items()}  # a tied parameter has one name
         # module -> [(its parameter attribute, the parameter's name)] for the merged parameters it owns
         self.owners: dict[nn.Module, list[tuple[str, str]]] = {}
@@ -162,7 +167,7 @@ class JitMerge:
             merged = {}
             for attr, name in own:
                 row = lam[self.row_of[name]]
-                tensor = _Merge.apply(row, module._parameters[attr].detach(), *self.deltas[name])
+                tensor = _Merge.apply(row, module._parameters[attr].detach(), functools.partial(self._fetch, name))
                 merged[attr] = tensor
                 self._live[tensor.untyped_storage().data_ptr()] = (name, tensor, row.detach())
             saved = {attr: module._parameters[attr] for attr in merged}
@@ -178,7 +183,7 @@ class JitMerge:
 
     def _embedding(self, module: nn.Embedding, name: str, lam: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         unique, inverse = torch.unique(ids, return_inverse=True)
-        rows = _MergeRows.apply(lam[self.row_of[name]], module.weight.detach(), unique, *self.deltas[name])
+        rows = _MergeRows.apply(lam[self.row_of[name]], module.weight.detach(), unique, functools.partial(self._fetch, name))
         padding = None
         if module.padding_idx is not None:
             where = (unique == module.padding_idx).nonzero()
@@ -200,8 +205,15 @@ class JitMerge:
             return packed
         _, name, row, size, stride, offset = packed
         with torch.no_grad():
-            merged = merged_tensor(row, self._parameter(name).detach(), self.deltas[name])
+            merged = merged_tensor(row, self._parameter(name).detach(), self._fetch(name))
         return merged.as_strided(size, stride, offset)
+
+    def _fetch(self, name: str) -> Sequence[torch.Tensor]:
+        taus = self.deltas[name]
+        if len(taus) != self.num_tasks:
+            raise ValueError(f"JitMerge: every parameter needs the same number of deltas; {name!r} has {len(taus)}, "
+                             f"expected {self.num_tasks}")
+        return taus
 
     def _parameter(self, name: str) -> torch.Tensor:
         module_name, _, attr = name.rpartition(".")

@@ -13,7 +13,7 @@ from .adamerging_yaml import run_adamerging
 from .config import ADAMERGING, MergeConfig
 from .engine import Settings, merge
 from .parameters import LayerPositions
-from .sources import parse_size
+from .sources import check_tokenizer_folder, parse_size
 from .task_vector import TaskVector, open_model
 
 __all__ = ["run_merge"]
@@ -58,9 +58,7 @@ def _check_before_work(config: MergeConfig, out, force: bool) -> None:
     tokenizer = config.tokenizer.source if config.tokenizer is not None else None
     if tokenizer in ("base", "union"):
         tokenizer = None
-    if tokenizer is not None and not Path(tokenizer).is_dir():
-        key = "tokenizer_source" if config.tokenizer_source is not None else "tokenizer.source"
-        raise FileNotFoundError(f"{key}: {tokenizer!r} is not a folder (give base, union or a model folder)")
+    check_tokenizer_folder(tokenizer, "tokenizer_source" if config.tokenizer_source is not None else "tokenizer.source")
     models = [part for m in config.models for part in str(m.model).split("+")]
     check_output_dir(out, force=force, inputs=[config.base_model, *models, *(m.data for m in config.models), tokenizer])
 

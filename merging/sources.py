@@ -15,10 +15,17 @@ import torch
 
 from modular.checkpoint import SafetensorsCheckpoint
 
-__all__ = ["DTYPES", "DictSource", "as_source", "backbone_view", "check_compatible", "first_mismatches", "parse_size"]
+__all__ = ["DTYPES", "DictSource", "as_source", "backbone_view", "check_compatible", "check_tokenizer_folder",
+           "first_mismatches", "parse_size"]
 
 DEFAULT_SHARD_BYTES = 500 * 2**20
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def check_tokenizer_folder(folder: str | os.PathLike | None, key: str) -> None:
+    """A tokenizer to copy from must be a folder; ``key`` names where it was given."""
+    if folder is not None and not os.path.isdir(folder):
+        raise FileNotFoundError(f"{key}: {str(folder)!r} is not a folder (give a model folder holding the tokenizer)")
 
 
 def parse_size(size: int | str) -> int:

@@ -297,9 +297,16 @@ def _no_work(*args, **kwargs):
 
 def test_bad_tokenizer_source_is_reported_before_the_merge(models, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("merging.engine.write_model_folder", _no_work)
-    config = _merge_config(tmp_path, models, tokenizer_source=str(tmp_path / "no-tokenizer"))
-    assert main(["merge", str(config), "--out", str(tmp_path / "out")]) == 2
-    assert "tokenizer_source: " in capsys.readouterr().err
+    missing = str(tmp_path / "no-tokenizer")
+    for key, changes in (("tokenizer_source", {"tokenizer_source": missing}), ("tokenizer.source", {"tokenizer": {"source": missing}})):
+        config = _merge_config(tmp_path, models, **changes)
+        assert main(["merge", str(config), "--out", str(tmp_path / "out")]) == 2
+        assert f"{key}: {missing!r} is not a folder" in capsys.readouterr().err
+    from merging import merge
+
+    with pytest.raises(FileNotFoundError, match=f"tokenizer_source: {missing!r} is not a folder"):
+        merge("task_arithmetic", models / "base", [models / "ft1"], out=tmp_path / "out", tokenizer_source=missing)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(

@@ -307,3 +307,61 @@ def test_yaml_section_has_the_python_defaults_and_every_option(tmp_path):
     assert {k: getattr(section(given), k) for k in given} == given
     with pytest.raises(ValueError, match="objective: 'accuracy' is not allowed"):
         section({"objective": "accuracy"})
+
+
+def test_streamed_task_vectors_give_the_same_coefficients_and_are_not_held():
+    """stream_task_vectors: the deltas are re-read from the task vectors (here, counted reads)
+    whenever a step needs them, at most a module's worth is kept, and the result is the same."""
+    from merging import adamerging as module
+
+    base, tvs, tasks = _bert_tasks()
+    held = adamerge(base, tvs, tasks, steps=3, progress=False)
+    reads = []
+    counted = [TaskVector(tv.shapes, lambda n, tv=tv: reads.append(n) or tv.get(n), label=tv.label) for tv in tvs]
+    largest = []
+    original = module._StreamedDeltas.__getitem__
+
+    def watched(self, name):
+        largest.append(len(self.recent))
+        return original(self, name)
+
+    module._StreamedDeltas.__getitem__ = watched
+    try:
+        streamed = adamerge(base, counted, tasks, steps=3, stream_task_vectors=True, progress=False)
+    finally:
+        module._StreamedDeltas.__getitem__ = original
+    assert torch.equal(streamed.coefficients, held.coefficients)
+    assert streamed.entropy == held.entropy
+    tensors = len(list(base.parameters()))
+    assert len(reads) > 2 * 3 * tensors * len(tvs)  # every tensor of every task, in forward and backward of each step
+    assert max(largest) <= module._StreamedDeltas.KEEP
+
+
+def test_batches_from_a_generator_from_whole_inputs_and_shuffled():
+    """The data forms of EntropyTask: a generator is read once and cycled like the list it gave;
+    ``inputs`` are cut into ``batch_size`` rows with unused right padding dropped; ``shuffle``
+    visits every batch once per pass, in a seeded order that changes between passes."""
+    from merging.adamerging import _cut_rows, _TaskBatches
+
+    model, tvs, tasks = _toy_setup()
+    batches = [{"x": torch.randn(4, 3)} for _ in range(3)]
+    listed = adamerge(model, tvs, [EntropyTask("a", batches), tasks[1]], steps=5, init=0.3, progress=False)
+    generated = adamerge(model, tvs, [EntropyTask("a", (b for b in batches)), tasks[1]], steps=5, init=0.3, progress=False)
+    assert torch.equal(listed.coefficients, generated.coefficients)
+
+    whole = adamerge(model, tvs, [EntropyTask("a", inputs={"x": torch.cat([b["x"] for b in batches])}), tasks[1]],
+                     steps=5, init=0.3, batch_size=4, progress=False)
+    assert torch.equal(whole.coefficients, listed.coefficients)
+
+    ids = torch.arange(12).reshape(4, 3)
+    mask = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 1, 1], [1, 0, 0]])
+    cut = _cut_rows({"input_ids": ids, "attention_mask": mask}, 2, None)
+    assert [b["input_ids"].shape for b in cut] == [(2, 2), (2, 3)]
+    assert torch.equal(cut[0]["input_ids"], ids[:2, :2])
+
+    config = AdaMergingConfig(shuffle=True, seed=1)
+    data = _TaskBatches(EntropyTask("a", [{"x": torch.full((1, 3), float(i))} for i in range(4)]), 0, config)
+    passes = [[data.index(step) for step in range(p * 4, p * 4 + 4)] for p in range(3)]
+    assert all(sorted(order) == [0, 1, 2, 3] for order in passes) and len({tuple(o) for o in passes}) > 1
+    again = _TaskBatches(EntropyTask("a", data.kept), 0, config)
+    assert [again.index(step) for step in range(12)] == [i for order in passes for i in order]
