@@ -7,8 +7,8 @@
 3. upcycle its MLPs into experts (``moe.upcycle_to_moe``) and inject AdaMoE null experts;
 4. fine-tune one model per task with LISA and 1-bit Adam under DeepSpeed, 2 processes;
 5. merge: task arithmetic and TIES through ``modular merge`` (λ chosen on validation), AdaMerging
-   task- and layer-wise on the entropy over each task's label words (its unlabelled validation
-   prompts; library defaults);
+   task- and layer-wise over each task's label words on its unlabelled validation prompts
+   (library defaults: agreement with each task model's label-word predictions);
 6. evaluate every model on every task by its label words (test split, once).
 """
 
