@@ -93,13 +93,14 @@ def unlabelled_tasks(k: int, batch: int, length: int, vocab: int):
             for t in range(k)]
 
 
-def run_library(model, tvs, tasks, steps: int, stream: bool) -> list[float]:
+def run_library(model, tvs, tasks, steps: int, stream: bool, init: str) -> list[float]:
     """Library AdaMerging (defaults, layer-wise); the wall time of each step, from the callback."""
     from merging import AdaMergingConfig, adamerge
 
     stamps = []
-    adamerge(model, tvs, tasks, AdaMergingConfig(granularity="layer", steps=steps, stream_task_vectors=stream), progress=False,
-             callback=lambda step, snapshot: stamps.append(time.perf_counter()))
+    config = AdaMergingConfig(granularity="layer", steps=steps, stream_task_vectors=stream,
+                              init=init if init == "search" else float(init))
+    adamerge(model, tvs, tasks, config, progress=False, callback=lambda step, snapshot: stamps.append(time.perf_counter()))
     return [b - a for a, b in zip(stamps, stamps[1:])]
 
 
@@ -148,7 +149,7 @@ def one_variant(args) -> dict:
     if args.variant == "stacked":
         times = run_stacked(model, tvs, tasks, args.steps)
     else:
-        times = run_library(model, tvs, tasks, args.steps, stream=args.variant == "stream")
+        times = run_library(model, tvs, tasks, args.steps, stream=args.variant == "stream", init=args.init)
     return {"variant": args.variant, "model_mb": round(model_mb, 1), "parameters": sum(p.numel() for p in model.parameters()),
             "dtype": str(model.dtype), "peak_mb": round(peak_rss_mb(), 1), "baseline_mb": round(baseline, 1),
             "seconds_per_step": round(statistics.median(times), 2) if times else None}
@@ -163,6 +164,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2, help="sequences per task per step")
     parser.add_argument("--length", type=int, default=32, help="tokens per sequence")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--init", default="search", help="AdaMerging's init: 'search' (the default: 10 forwards "
+                        "without gradients before the steps, each reading the task vectors when streamed) or a number")
     parser.add_argument("--jobs", type=int, default=1, help="variants run at once (peak RSS is per process; "
                         "seconds per step are then contended)")
     parser.add_argument("--write-models", metavar="FOLDER", help=argparse.SUPPRESS)
@@ -185,7 +188,7 @@ def main() -> None:
         for start in range(0, len(variants), args.jobs):
             running = {variant: subprocess.Popen(
                 [sys.executable, "-u", __file__, "--variant", variant, "--folder", folder,
-                 *(f"--{k}={getattr(args, k)}" for k in ("k", "steps", "batch", "length", "threads"))],
+                 *(f"--{k}={getattr(args, k)}" for k in ("k", "steps", "batch", "length", "threads", "init"))],
                 stdout=subprocess.PIPE, text=True) for variant in variants[start : start + args.jobs]}
             for variant, process in running.items():
                 stdout, _ = process.communicate()
@@ -203,7 +206,7 @@ def main() -> None:
         "within_bound": stream["peak_mb"] <= bound, "in_memory_within_bound": jit["peak_mb"] <= bound,
         "config": {"model": {"architecture": "LlamaForCausalLM", "dtype": stream["dtype"], "parameters": stream["parameters"],
                              **CONFIG},
-                   "adamerging": "library defaults, granularity layer (peak_mb: stream_task_vectors=True)",
+                   "adamerging": "library defaults, granularity layer (peak_mb: stream_task_vectors=True)", "init": args.init,
                    "steps": args.steps, "batch": args.batch, "length": args.length, "threads": args.threads, "jobs": args.jobs,
                    "task_vectors": "TaskVector.from_models over save_pretrained folders", "stacked_objective": "entropy"},
     }))
