@@ -495,6 +495,7 @@ class _StreamedDeltas(Mapping):
         self.params, self.names, self.task_vectors = params, list(names), list(task_vectors)
         self.known = set(self.names)
         self.recent: dict[str, list[torch.Tensor]] = {}
+        _return_freed_blocks_to_the_os()
 
     def __getitem__(self, name: str) -> list[torch.Tensor]:
         if name not in self.recent:
@@ -541,8 +542,6 @@ def adamerge(
     params = dict(model.named_parameters())
     rows = list(dict.fromkeys(_row_key(n, config.granularity) for n in names))
     row_index = {r: i for i, r in enumerate(rows)}
-    if config.stream_task_vectors:
-        _return_freed_blocks_to_the_os()
     deltas = (_StreamedDeltas if config.stream_task_vectors else _deltas_in_place)(params, names, task_vectors)
     merger = JitMerge(model, deltas, {n: row_index[_row_key(n, config.granularity)] for n in names})
     was_training, grad_flags = model.training, {n: p.requires_grad for n, p in params.items()}

@@ -49,12 +49,15 @@ class TaskVector:
         get: name -> float32 delta tensor of that shape.
         label: shown in error messages and model cards.
         folders: the checkpoint folders it reads (an output must never replace them).
+        explain_nonfinite: name -> raises an error naming the input that holds NaN/inf, called
+            when a delta is not finite (else the error names the task vector).
     """
 
     def __init__(self, shapes: Mapping[str, torch.Size], get: Callable[[str], torch.Tensor], label: str = "task vector",
-                 folders: Sequence[Path] = ()):
+                 folders: Sequence[Path] = (), explain_nonfinite: Callable[[str], None] | None = None):
         self.shapes = dict(shapes)
         self._get = get
+        self._explain_nonfinite = explain_nonfinite
         self.label = label
         self.folders = tuple(folders)
 
@@ -80,6 +83,7 @@ class TaskVector:
             functools.partial(_difference, ft_src, base_src),
             label=label or repr(ft_src),
             folders=_folders(base_src, ft_src),
+            explain_nonfinite=functools.partial(_name_nonfinite_model, ft_src, base_src),
         )
 
     @classmethod
@@ -135,7 +139,9 @@ class TaskVector:
         if name not in self.shapes:
             raise KeyError(f"{self.label}: no tensor named {name!r}")
         delta = self._get(name)
-        if not torch.isfinite(delta).all():
+        if not torch.isfinite(delta).all():  # the one finiteness pass per read
+            if self._explain_nonfinite is not None:
+                self._explain_nonfinite(name)
             raise ValueError(f"{self.label}: tensor {name!r} of the task vector contains NaN or inf")
         return delta
 
@@ -292,13 +298,15 @@ def _folders(*sources) -> tuple[Path, ...]:
 
 
 def _difference(finetuned, base, name: str) -> torch.Tensor:
-    """finetuned − base for ``name``; NaN/inf in either model is an error naming that model."""
-    delta = finetuned.get(name).float() - base.get(name).float()
-    if not torch.isfinite(delta).all():
-        for role, source in (("base model", base), ("fine-tuned model", finetuned)):
-            if not torch.isfinite(source.get(name).float()).all():
-                raise ValueError(f"{role} {source!r}: tensor {name!r} contains NaN or inf")
-    return delta
+    """finetuned − base for ``name`` in float32 (``TaskVector.get`` checks it is finite)."""
+    return finetuned.get(name).float() - base.get(name).float()
+
+
+def _name_nonfinite_model(finetuned, base, name: str) -> None:
+    """A non-finite delta: an error naming the model whose tensor ``name`` holds NaN or inf."""
+    for role, source in (("base model", base), ("fine-tuned model", finetuned)):
+        if not torch.isfinite(source.get(name).float()).all():
+            raise ValueError(f"{role} {source!r}: tensor {name!r} contains NaN or inf")
 
 
 class _Subset:
