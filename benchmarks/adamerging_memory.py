@@ -176,6 +176,10 @@ def main() -> None:
     if args.k < 1 or args.steps < 2 or args.jobs < 1:
         parser.error(f"--k and --jobs must be >= 1 and --steps >= 2 (the first step is not timed); "
                      f"got {args.k}, {args.jobs}, {args.steps}")
+    try:
+        args.init == "search" or float(args.init)
+    except ValueError:
+        parser.error(f"--init: {args.init!r} is not 'search' or a number")
     if args.variant != "all":
         if not args.folder:
             parser.error(f"--variant {args.variant} needs --folder (the task models written by --variant all)")
