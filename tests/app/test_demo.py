@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from modular import load_model
+from modular.checkpoint import TMP_MARK
 from modular.app.cli import main
 from modular.app.corpora import train_tokenizer
 from modular.testing import tiny_model
@@ -155,6 +156,56 @@ def test_sigkill_during_finetuning_then_rerun_gives_the_same_table(encoder_run, 
     with pytest.raises(ProcessLookupError):  # the killed run's launcher and ranks were stopped
         os.killpg(orphans, 0)
     assert _table(out) == _table(encoder_run)
+
+
+# Run in a child process: SIGKILL itself while writing the output named KILL_WRITING (a folder:
+# once its content is complete, before the rename; a file: half-written), the worst moment to die.
+KILL_WHILE_WRITING = """
+import os, signal, sys
+from modular import checkpoint
+from modular.app.cli import main
+
+target = os.environ["KILL_WRITING"]
+temporary_sibling, apply_umask = checkpoint._temporary_sibling, checkpoint._apply_umask
+
+def sibling(out, *, folder):
+    tmp = temporary_sibling(out, folder=folder)
+    if out.name == target and not folder:
+        tmp.write_bytes(b"half")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return tmp
+
+def umask(tmp):
+    apply_umask(tmp)
+    if tmp.name.startswith(f".{target}{checkpoint.TMP_MARK}"):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+checkpoint._temporary_sibling, checkpoint._apply_umask = sibling, umask
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("target", ["base", "task_arithmetic_lambda_grid.json", "adamerging_layer", "evaluation.json",
+                                    "report.html"])
+def test_sigkill_while_writing_any_stage_output_then_rerun_gives_the_same_table(encoder_run, tmp_path, target):
+    """Stages 2 (inject), 4 (merge: a λ grid, the last merge) and 5 (evaluation, report); stage 3 above."""
+    out = tmp_path / "killed"
+    out.mkdir()
+    for name in ("data", "tinybert", "runs") + (() if target == "base" else ("base",)):
+        shutil.copytree(encoder_run / name, out / name)
+    config = str(_config(out))
+    killed = subprocess.run([sys.executable, "-c", KILL_WHILE_WRITING, "demo", "--out", str(out), "--config", config],
+                            env={**os.environ, "KILL_WRITING": target}, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    left = [p for p in out.rglob("*") if TMP_MARK in p.name]
+    assert left and not (out / target / "config.json").exists() and not (out / target).is_file()
+    assert main(["demo", "--out", str(out), "--config", config]) == 0
+    assert _table(out) == _table(encoder_run)
+    assert not [p for p in out.rglob("*") if TMP_MARK in p.name]  # the killed run's temporaries were removed
+    if target == "base":  # rebuilt bit for bit (the task models were trained on the first one)
+        again, first = load_model(out / "base").state_dict(), load_model(encoder_run / "base").state_dict()
+        assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
 
 
 @pytest.mark.distributed
