@@ -21,7 +21,8 @@ Default (``track: encoder``), on the real pretrained all-MiniLM-L6-v2 (``modular
 
 Every stage writes its outputs atomically and is skipped when they exist; a stage that was
 interrupted (even by SIGKILL) is redone from its start, and every stage is deterministic, so a
-re-run ends with the same table.
+re-run ends with the same table. ``evaluation.json`` is written last: once it exists, a re-run
+only shows the table and renders the report again.
 """
 
 from __future__ import annotations
@@ -233,18 +234,23 @@ def run_demo(out: Path, cfg: DemoConfig | None = None) -> Path:
     cfg = cfg or DemoConfig()
     out = Path(out).resolve()
     start = time.time()
-    stage = Stages()
-    if cfg.track == "causal":
-        from .demo_causal import run_causal
-
-        evaluation = run_causal(cfg, out, stage)
+    done = out / "evaluation.json"
+    if done.is_file():  # written last, after every stage: the run is finished
+        print(f"{done} exists: this run is finished, its table follows (remove the file to evaluate again)")
+        evaluation = json.loads(done.read_text())
     else:
-        evaluation = _run_encoder(cfg, out, stage)
+        stage = Stages()
+        if cfg.track == "causal":
+            from .demo_causal import run_causal
+
+            evaluation = run_causal(cfg, out, stage)
+        else:
+            evaluation = _run_encoder(cfg, out, stage)
+        atomic_write_text(done, json.dumps(evaluation, indent=2))
+        stage.save(out / "timings.json")
     from .report import write_report
 
-    atomic_write_text(out / "evaluation.json", json.dumps(evaluation, indent=2))
     report = write_report([out], out / "report.html")
-    stage.save(out / "timings.json")
     print_summary(evaluation, report, time.time() - start)
     return report
 
