@@ -171,7 +171,8 @@ class OneBitAdam(torch.optim.Optimizer):
         return loss
 
     def _warmup_step(self, items: list) -> None:
-        grads = _flat([p.grad for p, _ in items])
+        fp32 = self.state[items[0][0]]["exp_avg"]
+        grads = _flat([p.grad for p, _ in items], self.communicator.workspace.get("grads", sum(p.numel() for p, _ in items), fp32))
         self.communicator.all_reduce_mean(grads)
         for (p, group), g in zip(items, _split(grads, [p for p, _ in items])):
             state = self.state[p]
@@ -204,17 +205,21 @@ class OneBitAdam(torch.optim.Optimizer):
         padded, _ = self.communicator.padded_length(n)
         # The frozen denominator is the same on every rank, so averaging m or m / denom is the same
         # linear map; it only decides in which units the 1-bit error is made (see the module doc).
-        sent = [s["exp_avg"] / s["frozen_denom"] if self.compress_preconditioned else s["exp_avg"] for s in states]
-        worker_error = _flat([s["worker_error"] for s in states], padded)
-        server_error = _flat([s["server_error"] for s in states], padded)
-        averaged = self.communicator.compressed_all_reduce(_flat(sent, padded), worker_error, server_error)
+        space = self.communicator.workspace
+        sent = _flat([s["exp_avg"] for s in states], space.get("sent", padded, states[0]["exp_avg"]))
+        if self.compress_preconditioned:
+            for state, part in zip(states, _split(sent, params)):
+                part.div_(state["frozen_denom"])
+        worker_error = _flat([s["worker_error"] for s in states], space.get("worker_error", padded, sent))
+        server_error = _flat([s["server_error"] for s in states], space.get("server_error", padded, sent))
+        averaged = self.communicator.compressed_all_reduce(sent, worker_error, server_error)
         for key, flat in (("worker_error", worker_error), ("server_error", server_error)):
             for state, part in zip(states, _split(flat, params)):
                 state[key].copy_(part)
         for (p, group), state, part in zip(items, states, _split(averaged, params)):
             denom = state["frozen_denom"]
             if self.compress_preconditioned:  # part = m / denom; coordinates with denom = inf keep m = 0
-                state["exp_avg"].copy_(torch.where(denom.isinf(), 0.0, part * denom))
+                torch.mul(part, denom, out=state["exp_avg"]).masked_fill_(denom.isinf(), 0.0)
                 direction = part
             else:
                 state["exp_avg"].copy_(part)
@@ -254,12 +259,14 @@ def _store(p: torch.Tensor, weight: torch.Tensor) -> None:
         p.copy_(weight)  # the one rounding into p's dtype
 
 
-def _flat(tensors: list[torch.Tensor], length: int | None = None) -> torch.Tensor:
-    """Concatenate as fp32, zero-padded to ``length``."""
-    flat = torch.cat([t.reshape(-1).float() for t in tensors])
-    if length is not None and length > flat.numel():
-        flat = torch.cat([flat, flat.new_zeros(length - flat.numel())])
-    return flat
+def _flat(tensors: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """Concatenate into the fp32 buffer ``out``, zero-padded to its length."""
+    n = 0
+    for t, part in zip(tensors, _split(out, tensors)):
+        part.copy_(t)
+        n += t.numel()
+    out[n:].zero_()
+    return out
 
 
 def _split(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -67,3 +67,16 @@ def test_skip_host_allreduce_refuses_deepspeed_precision_wrappers():
     engine.bfloat16_enabled = lambda: False
     skip_host_allreduce(engine)
     assert engine.enable_backward_allreduce is False
+
+
+def test_compressed_all_reduce_reuses_its_buffers_and_follows_a_new_size():
+    comm, fresh = Communicator(block_size=8), Communicator(block_size=8)
+    x = torch.randn(64)
+    first = comm.compressed_all_reduce(x.clone(), torch.zeros(64), torch.zeros(64))
+    where, values = first.data_ptr(), first.clone()
+    again = comm.compressed_all_reduce(x.clone(), torch.zeros(64), torch.zeros(64))
+    assert again.data_ptr() == where and torch.equal(again, values)  # no new buffer, same result
+    y = torch.randn(32)  # LISA switched layers: another length
+    werr, serr, fresh_werr, fresh_serr = torch.zeros(32), torch.zeros(32), torch.zeros(32), torch.zeros(32)
+    out = comm.compressed_all_reduce(y.clone(), werr, serr)
+    assert torch.equal(out, fresh.compressed_all_reduce(y.clone(), fresh_werr, fresh_serr)) and torch.equal(werr, fresh_werr)
