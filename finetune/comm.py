@@ -91,15 +91,18 @@ def _decompress(packed: torch.Tensor, scales: torch.Tensor, block: int, out: tor
 
 
 class Workspace:
-    """Buffers reused from step to step, one per name and size. On CPU a fresh large tensor is paid
-    for in page faults each time it is touched (glibc maps big blocks afresh for every allocation):
-    with fresh buffers these faults were two thirds of a compressed step."""
+    """Buffers reused from step to step on CPU, one per name and size. There a fresh large tensor is
+    paid for in page faults each time it is touched (glibc maps big blocks afresh for every
+    allocation): with fresh buffers these faults were two thirds of a compressed step. Elsewhere
+    (CUDA) the caching allocator already reuses freed blocks, so nothing is held between steps."""
 
     def __init__(self):
         self._buffers: dict[tuple[str, int], torch.Tensor] = {}
 
     def get(self, name: str, numel: int, like: torch.Tensor) -> torch.Tensor:
         """The buffer ``name`` of ``numel`` elements, with ``like``'s dtype and device (contents undefined)."""
+        if like.device.type != "cpu":
+            return torch.empty(numel, dtype=like.dtype, device=like.device)
         buf = self._buffers.get((name, numel))
         if buf is None or buf.dtype != like.dtype or buf.device != like.device:
             stale = [key for key in self._buffers if key[0] == name]  # LISA changed the layers: a new size
