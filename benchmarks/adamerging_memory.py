@@ -155,6 +155,16 @@ def one_variant(args) -> dict:
             "seconds_per_step": round(statistics.median(times), 2) if times else None}
 
 
+def _init_argument(text: str) -> str:
+    """``--init``: 'search' or a number, checked before any work (kept as given: it is echoed in the config)."""
+    if text != "search":
+        try:
+            float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not 'search' or a number") from None
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", choices=["all", "stream", "jit", "stacked"], default="all")
@@ -164,7 +174,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2, help="sequences per task per step")
     parser.add_argument("--length", type=int, default=32, help="tokens per sequence")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--init", default="search", help="AdaMerging's init: 'search' (the default: 10 forwards "
+    parser.add_argument("--init", default="search", type=_init_argument, help="AdaMerging's init: 'search' (the default: 10 forwards "
                         "without gradients before the steps, each reading the task vectors when streamed) or a number")
     parser.add_argument("--jobs", type=int, default=1, help="variants run at once (peak RSS is per process; "
                         "seconds per step are then contended)")
@@ -176,10 +186,6 @@ def main() -> None:
     if args.k < 1 or args.steps < 2 or args.jobs < 1:
         parser.error(f"--k and --jobs must be >= 1 and --steps >= 2 (the first step is not timed); "
                      f"got {args.k}, {args.jobs}, {args.steps}")
-    try:
-        args.init == "search" or float(args.init)
-    except ValueError:
-        parser.error(f"--init: {args.init!r} is not 'search' or a number")
     if args.variant != "all":
         if not args.folder:
             parser.error(f"--variant {args.variant} needs --folder (the task models written by --variant all)")

@@ -59,10 +59,9 @@ def unpack_signs(packed: torch.Tensor, dtype: torch.dtype = torch.float32, out: 
     """Inverse of :func:`pack_signs`: uint8 (n/8,) -> ±1 of length n in ``dtype`` (into ``out`` if given)."""
     # one lookup of each byte's 8 signs: a single pass that writes the output, where testing each
     # bit made four
-    table = _sign_table(dtype, packed.device)
     if out is None:
-        return torch.index_select(table, 0, packed.int()).reshape(-1)
-    torch.index_select(table, 0, packed.int(), out=out.view(-1, 8))
+        out = torch.empty(packed.numel() * 8, dtype=dtype, device=packed.device)
+    torch.index_select(_sign_table(dtype, packed.device), 0, packed.int(), out=out.view(-1, 8))
     return out
 
 
@@ -104,7 +103,7 @@ class Workspace:
         if like.device.type != "cpu":
             return torch.empty(numel, dtype=like.dtype, device=like.device)
         buf = self._buffers.get((name, numel))
-        if buf is None or buf.dtype != like.dtype or buf.device != like.device:
+        if buf is None or buf.dtype != like.dtype:
             stale = [key for key in self._buffers if key[0] == name]  # LISA changed the layers: a new size
             for key in stale:
                 del self._buffers[key]

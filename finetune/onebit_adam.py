@@ -171,8 +171,9 @@ class OneBitAdam(torch.optim.Optimizer):
         return loss
 
     def _warmup_step(self, items: list) -> None:
-        fp32 = self.state[items[0][0]]["exp_avg"]
-        grads = _flat([p.grad for p, _ in items], self.communicator.workspace.get("grads", sum(p.numel() for p, _ in items), fp32))
+        n = sum(p.numel() for p, _ in items)
+        fp32 = self.state[items[0][0]]["exp_avg"]  # the buffer's dtype and device
+        grads = _flat([p.grad for p, _ in items], self.communicator.workspace.get("grads", n, fp32))
         self.communicator.all_reduce_mean(grads)
         for (p, group), g in zip(items, _split(grads, [p for p, _ in items])):
             state = self.state[p]
