@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -33,11 +34,18 @@ def classification_head(model: nn.Module) -> nn.Linear:
 
 
 @torch.no_grad()
-def head_features(model: nn.Module, batches: Iterable[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+def head_features(model: nn.Module, batches: Iterable[dict], split_over_ranks: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs of the classification head (N, d), labels (N,)) over ``batches`` (model inputs with
     ``labels`` and ``attention_mask``), the model in eval mode. Decoder classifiers apply their
     head to every position and read the last token's logits: there the last non-padding position
-    (right padding) is taken."""
+    (right padding) is taken.
+
+    ``split_over_ranks``: a collective of the default process group (every rank calls it with the
+    same batches): rank r runs the batches r, r + W, ... and the features are gathered back in
+    order, so every rank returns the tensors that one process would compute at the same thread
+    count, in 1/W of the time.
+    """
+    world, rank = (dist.get_world_size(), dist.get_rank()) if split_over_ranks and dist.is_initialized() else (1, 0)
     head = classification_head(model)
     seen: list[torch.Tensor] = []
     handle = head.register_forward_pre_hook(lambda _module, args: seen.append(args[0].detach().float()))
@@ -45,9 +53,11 @@ def head_features(model: nn.Module, batches: Iterable[dict]) -> tuple[torch.Tens
     model.eval()
     features, labels = [], []
     try:
-        for batch in batches:
+        for i, batch in enumerate(batches):
             batch = dict(batch)
             labels.append(batch.pop("labels"))
+            if i % world != rank:
+                continue
             model(**batch)
             x = seen.pop()
             if x.dim() == 3:
@@ -56,7 +66,25 @@ def head_features(model: nn.Module, batches: Iterable[dict]) -> tuple[torch.Tens
     finally:
         handle.remove()
         model.train(was_training)
+    if world > 1:
+        features = _gathered_in_order(features, [len(y) for y in labels], head, world, rank)
     return torch.cat(features), torch.cat(labels)
+
+
+def _gathered_in_order(own: list[torch.Tensor], sizes: list[int], head: nn.Linear, world: int, rank: int) -> list[torch.Tensor]:
+    """Every batch's features, from each rank's own (batches ``rank::world``) and every batch's size."""
+    rows = [sum(sizes[r::world]) for r in range(world)]
+    mine = torch.zeros(max(rows), head.in_features, device=head.weight.device)  # padded: all_gather takes equal shapes
+    if own:
+        mine[: rows[rank]] = torch.cat(own)
+    gathered = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine)
+    offsets, out = [0] * world, []
+    for i, size in enumerate(sizes):
+        r = i % world
+        out.append(gathered[r][offsets[r] : offsets[r] + size])
+        offsets[r] += size
+    return out
 
 
 def _logistic_regression(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float, with_bias: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,14 +106,15 @@ def _logistic_regression(x: torch.Tensor, y: torch.Tensor, classes: int, l2: flo
 
 @torch.no_grad()
 def fit_linear_probe(model: nn.Module, train: Iterable[dict], validation: Iterable[dict] | None = None,
-                     l2_grid: Sequence[float] = L2_GRID) -> dict:
+                     l2_grid: Sequence[float] = L2_GRID, split_over_ranks: bool = False) -> dict:
     """Set ``model``'s classification head to a logistic regression on its frozen features.
 
     The L2 penalty is the one of ``l2_grid`` with the best ``validation`` accuracy (ties: the
     larger penalty); without validation batches, the middle of the grid. Returns what was
-    chosen: ``{"l2", "validation_accuracy": {l2: acc}, "train_accuracy"}``.
+    chosen: ``{"l2", "validation_accuracy": {l2: acc}, "train_accuracy"}``. ``split_over_ranks``:
+    the forwards are shared by the ranks (:func:`head_features`); every rank fits the same head.
     """
-    x, y = head_features(model, train)
+    x, y = head_features(model, train, split_over_ranks)
     head = classification_head(model)
     fits = {}
     with torch.enable_grad():
@@ -94,7 +123,7 @@ def fit_linear_probe(model: nn.Module, train: Iterable[dict], validation: Iterab
             fits[l2] = _logistic_regression(x, y, head.out_features, l2, head.bias is not None)
     scores = {}
     if validation is not None:
-        xv, yv = head_features(model, validation)
+        xv, yv = head_features(model, validation, split_over_ranks)
         scores = {l2: ((xv @ w.T + b).argmax(-1) == yv).float().mean().item() for l2, (w, b) in fits.items()}
         l2 = max(sorted(fits, reverse=True), key=lambda value: scores[value])
     else:

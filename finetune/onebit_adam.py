@@ -25,7 +25,8 @@ Design choices (no anchor settles them):
   DeepSpeed's old 1-bit Adam froze ``v`` globally, so a layer activated later had ``v = 0`` and diverged.
 * **Error buffers are per parameter and rank-local** (``worker_error`` and ``server_error``, each of the
   parameter's shape; a rank reads/writes only the positions it serves in the server error), so they
-  survive LISA switching which parameters are compressed together. Save the optimizer state per
+  survive LISA switching which parameters are compressed together. While the set stays the same
+  they are views into one flat buffer per kind, which the all-reduce updates in place. Save the optimizer state per
   rank; :meth:`state_dict` carries frozen variance and both error buffers, and a resumed run
   continues bit for bit. Hosts that save the optimizer of rank 0 only (``Trainer``'s
   ``optimizer.pt``, DeepSpeed ZeRO-0 checkpoints) resume every rank with rank 0's error buffers:
@@ -67,6 +68,7 @@ optimizer).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -75,7 +77,9 @@ from transformers import TrainerCallback
 
 from finetune.comm import Communicator, skip_host_allreduce
 
-__all__ = ["OneBitAdam", "SkipHostAllReduceCallback"]
+__all__ = ["ERROR_BUFFERS", "OneBitAdam", "SkipHostAllReduceCallback"]
+
+ERROR_BUFFERS = ("worker_error", "server_error")  # per-parameter state of the compressed stage
 
 
 class OneBitAdam(torch.optim.Optimizer):
@@ -124,6 +128,7 @@ class OneBitAdam(torch.optim.Optimizer):
         self.communicator = Communicator(group=group, block_size=block_size)
         self.compress_preconditioned = compress_preconditioned
         self.global_step = 0
+        self._error_flats: tuple[torch.Tensor, torch.Tensor] | None = None  # see _error_buffers
 
     @property
     def comm_stats(self):
@@ -182,7 +187,7 @@ class OneBitAdam(torch.optim.Optimizer):
             t = state["step"]
             # Same operation order as torch.optim.AdamW (foreach=False), so fp32 warm-up matches it bitwise.
             weight = _fp32(p)
-            weight.mul_(1 - group["lr"] * group["weight_decay"])
+            _decay(weight, group)
             state["exp_avg"].lerp_(g, 1 - beta1)
             state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
             denom = (state["exp_avg_sq"].sqrt() / (1 - beta2**t) ** 0.5).add_(group["eps"])
@@ -211,25 +216,54 @@ class OneBitAdam(torch.optim.Optimizer):
         if self.compress_preconditioned:
             for state, part in zip(states, _split(sent, params)):
                 part.div_(state["frozen_denom"])
-        worker_error = _flat([s["worker_error"] for s in states], space.get("worker_error", padded, sent))
-        server_error = _flat([s["server_error"] for s in states], space.get("server_error", padded, sent))
-        averaged = self.communicator.compressed_all_reduce(sent, worker_error, server_error)
-        for key, flat in (("worker_error", worker_error), ("server_error", server_error)):
-            for state, part in zip(states, _split(flat, params)):
-                state[key].copy_(part)
-        for (p, group), state, part in zip(items, states, _split(averaged, params)):
+        averaged = self.communicator.compressed_all_reduce(sent, *self._error_buffers(params, states, padded))
+        # coordinates held still (denom = inf, see _warmup_step); into a reused buffer: a fresh mask
+        # (Tensor.isinf) cost 5x the comparison itself on CPU
+        still = _split(space.get("still", padded, torch.empty(0, dtype=torch.bool, device=sent.device)), params)
+        for (p, group), state, part, held in zip(items, states, _split(averaged, params), still):
             denom = state["frozen_denom"]
             if self.compress_preconditioned:  # part = m / denom; coordinates with denom = inf keep m = 0
-                torch.mul(part, denom, out=state["exp_avg"]).masked_fill_(denom.isinf(), 0.0)
+                torch.mul(part, denom, out=state["exp_avg"]).masked_fill_(torch.eq(denom, math.inf, out=held), 0.0)
                 direction = part
             else:
                 state["exp_avg"].copy_(part)
                 direction = part / denom
             state["step"] += 1
             weight = _fp32(p)
-            weight.mul_(1 - group["lr"] * group["weight_decay"])
+            _decay(weight, group)
             weight.add_(direction, alpha=-group["lr"] / (1 - group["betas"][0] ** state["step"]))
             _store(p, weight)
+
+
+    def _error_buffers(self, params: list, states: list[dict], padded: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The worker and server errors of ``params`` as two flat buffers of ``padded`` elements whose
+        parts *are* the states' tensors, so the all-reduce updates the states in place (copying
+        them out and back was a tenth of a fine-tuning step on CPU). Rebuilt when the compressed
+        parameters change (LISA) or a state's tensors were replaced (end of warm-up, a loaded
+        checkpoint); the padding is zeroed on every call."""
+        flats = self._error_flats
+        if flats is None or flats[0].numel() != padded or not _parts_of(flats, states, params):
+            flats = tuple(torch.empty(padded, dtype=torch.float32, device=params[0].device) for _ in ERROR_BUFFERS)
+            for key, flat in zip(ERROR_BUFFERS, flats):
+                for state, part in zip(states, _split(flat, params)):
+                    state[key] = part.copy_(state[key])
+            self._error_flats = flats
+        n = sum(p.numel() for p in params)
+        for flat in flats:
+            flat[n:].zero_()
+        return flats
+
+
+def _parts_of(flats: tuple[torch.Tensor, torch.Tensor], states: list[dict], params: list) -> bool:
+    """Whether every state's error tensors are the parts of ``flats`` at its parameter's offset."""
+    offset = 0
+    for state, p in zip(states, params):
+        for key, flat in zip(ERROR_BUFFERS, flats):
+            tensor = state[key]
+            if tensor.data_ptr() != flat.data_ptr() + offset * flat.element_size() or tensor.shape != p.shape:
+                return False
+        offset += p.numel()
+    return True
 
 
 class SkipHostAllReduceCallback(TrainerCallback):
@@ -253,6 +287,13 @@ class SkipHostAllReduceCallback(TrainerCallback):
 def _fp32(p: torch.Tensor) -> torch.Tensor:
     """The weight to update: ``p`` itself in fp32, else an fp32 copy (written back by :func:`_store`)."""
     return p if p.dtype == torch.float32 else p.float()
+
+
+def _decay(weight: torch.Tensor, group: dict) -> None:
+    """Decoupled weight decay, ``w ← w·(1 − lr·wd)``; none at wd = 0 (a pass over the weights that
+    would multiply by exactly 1)."""
+    if group["weight_decay"]:
+        weight.mul_(1 - group["lr"] * group["weight_decay"])
 
 
 def _store(p: torch.Tensor, weight: torch.Tensor) -> None:

@@ -39,6 +39,7 @@ from .demo_common import (
     MERGE_LABELS,
     DemoConfig,
     Stages,
+    chosen_lambda,
     classes,
     finetune,
     finish_table,
@@ -271,12 +272,14 @@ def _run_encoder(cfg: DemoConfig, out: Path, stage: Stages) -> dict:
 
     models = {BASE_LABEL: base, **{f"task model: {t}": p for t, p in task_models.items()},
               **{MERGE_LABELS[k]: p for k, p in merges.items()}}
+    # which merge a user would pick, without the test split: TA's and TIES's scores are their grids'
+    validation = {MERGE_LABELS[method]: grid[chosen_lambda(grid)] for method, grid in grids.items()}
     table = {}
     for label, path in tqdm(models.items(), desc="evaluate", unit="model"):
         state = backbone_state(path)
         table[label] = evaluator.test(state)
-        if label in MERGE_LABELS.values():  # which merge a user would pick, without the test split
-            table[label]["validation_average"] = evaluator.validation_score(state)
+        if label in MERGE_LABELS.values():
+            table[label]["validation_average"] = validation[label] if label in validation else evaluator.validation_score(state)
     return finish_table(cfg, table, base_label=BASE_LABEL, grids=grids, track="encoder")
 
 

@@ -19,7 +19,7 @@ import yaml
 
 from modular.checkpoint import atomic_write_text
 
-__all__ = ["CausalSettings", "DemoConfig", "MERGE_LABELS", "Stages", "choose_lambda", "classes", "finetune", "finish_table",
+__all__ = ["CausalSettings", "DemoConfig", "MERGE_LABELS", "Stages", "choose_lambda", "chosen_lambda", "classes", "finetune", "finish_table",
            "read_jsonl", "run_merge_yaml", "static_merges", "training_arguments", "write_jsonl", "write_yaml"]
 
 
@@ -220,9 +220,14 @@ def choose_lambda(method: str, out: Path, grid: list[float], score) -> tuple[flo
     else:
         scores = {lam: score(lam) for lam in grid}
         atomic_write_text(path, json.dumps(scores, indent=2))
-    best = max(sorted(scores), key=lambda lam: scores[lam])
+    best = chosen_lambda(scores)
     print(f"{method}: mean validation accuracy by λ {', '.join(f'{k:g}: {v:.3f}' for k, v in scores.items())} -> λ {best:g}")
     return best, scores
+
+
+def chosen_lambda(scores: dict[float, float]) -> float:
+    """The λ with the best score; ties: the smaller λ."""
+    return max(sorted(scores), key=lambda lam: scores[lam])
 
 
 def finish_table(cfg: DemoConfig, table: dict, *, base_label: str, grids: dict, track: str, extra: dict | None = None) -> dict:

@@ -40,8 +40,9 @@ def inject(model: torch.nn.Module, recipe: Recipe, calibration: list[dict]) -> t
 
 
 def fit_head(model: torch.nn.Module, recipe: Recipe, data: dict, collator) -> dict | None:
-    """``head_init: probe``: the classification head fitted on the frozen model (every rank fits
-    the same one: same data, deterministic solver). Returns what was chosen."""
+    """``head_init: probe``: the classification head fitted on the frozen model (the ranks share
+    the forwards; every rank fits the same head: same features, deterministic solver). Returns
+    what was chosen."""
     if recipe.model.task != "sequence_classification" or recipe.model.head_init != "probe":
         return None
     from torch.utils.data import DataLoader
@@ -51,7 +52,7 @@ def fit_head(model: torch.nn.Module, recipe: Recipe, data: dict, collator) -> di
     def batches(split):
         return None if split not in data else DataLoader(data[split], batch_size=64, collate_fn=collator)
 
-    probe = fit_linear_probe(model, batches("train"), batches("eval"))
+    probe = fit_linear_probe(model, batches("train"), batches("eval"), split_over_ranks=True)
     print(f"modular train: head fitted on the frozen model (L2 {probe['l2']:g}, train accuracy {probe['train_accuracy']:.3f})",
           flush=True)
     return probe

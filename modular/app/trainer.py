@@ -34,7 +34,6 @@ from modular.loading import load_checkpoint_into
 __all__ = ["STAGING_DIR", "ModularTrainer", "remove_incomplete_checkpoint"]
 
 STAGING_DIR = ".checkpoint-staging"
-ERROR_BUFFERS = ("worker_error", "server_error")
 
 
 def remove_incomplete_checkpoint(output_dir: str | os.PathLike) -> None:
@@ -120,9 +119,12 @@ def _error_file(checkpoint: str | os.PathLike, rank: int) -> Path:
 
 
 def _error_buffers(optimizer, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """This rank's 1-bit Adam error-feedback buffers, by ``<parameter name>:<buffer>``."""
+    """This rank's 1-bit Adam error-feedback buffers, by ``<parameter name>:<buffer>`` (copies: the
+    optimizer keeps them as parts of one flat buffer, and safetensors refuses shared storage)."""
+    from finetune.onebit_adam import ERROR_BUFFERS
+
     names = {p: n for n, p in model.named_parameters()}
-    return {f"{names[p]}:{key}": state[key].detach().cpu().contiguous()
+    return {f"{names[p]}:{key}": state[key].detach().to("cpu", copy=True)
             for p, state in optimizer.state.items() for key in ERROR_BUFFERS if key in state}
 
 

@@ -1,11 +1,19 @@
 """finetune.heads: the classification head found in any family, and the linear probe fitted on the
-frozen model (optimality checked by its gradient, L2 chosen on validation)."""
+frozen model (optimality checked by its gradient, L2 chosen on validation; forwards shared by ranks)."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification
 
 from finetune.heads import L2_GRID, classification_head, fit_linear_probe, head_features
+from finetune.launch import free_port
 from modular.testing import tiny_config
 
 
@@ -53,3 +61,15 @@ def test_probe_without_validation_or_bias():
     chosen = fit_linear_probe(model, _batches(0))
     assert chosen["l2"] == sorted(L2_GRID)[len(L2_GRID) // 2] and chosen["validation_accuracy"] == {}
     assert model.score.bias is None and model.score.weight.abs().sum() > 0
+
+
+@pytest.mark.distributed
+def test_forwards_shared_by_two_ranks_give_what_one_process_computes(tmp_path):
+    out = tmp_path / "out.json"
+    launcher = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())]
+    proc = subprocess.run([*launcher, str(Path(__file__).parent / "scripts" / "probe_split_check.py"), str(out)], cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report == {"[8, 8, 8, 8, 5]": True, "[8, 3]": True, "[7]": True, "same_probe": True, "ranks_agree": True,
+                      "forwards per rank [8, 8, 8, 8, 5]": [3, 2], "forwards per rank [8, 3]": [1, 1], "forwards per rank [7]": [1, 0]}

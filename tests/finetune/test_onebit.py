@@ -87,6 +87,37 @@ def test_state_dict_roundtrip_continues_identically():
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
+def test_changing_trained_sets_step_each_parameter_as_if_alone():
+    """Blocks that never straddle two parameters (numel a multiple of block_size, a world of one):
+    each parameter's trajectory is then its own, so one optimizer over all of them, through LISA's
+    set changes, a popped state and a state_dict round trip, must equal one optimizer per parameter
+    (their error buffers live in one shared flat buffer, rebuilt as the set changes)."""
+    torch.manual_seed(0)
+    shapes = [(8, 64), (64,), (2, 32)]  # sets {0, 1} and {0, 2}: same size, other layout
+    together = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    alone = [torch.nn.Parameter(t.detach().clone()) for t in together]
+    settings = dict(lr=1e-2, freeze_step=2, block_size=64)
+    opt = OneBitAdam(together, **settings)
+    opts = [OneBitAdam([p], **settings) for p in alone]
+    g = torch.Generator().manual_seed(1)
+    for step in range(14):
+        active = {0, 1, 2} if step < 4 or step >= 10 else ({0, 1} if step < 7 else {0, 2})
+        if step == 7:  # LISA frees a deactivated layer's state
+            opt.state.pop(together[1]), opts[1].state.pop(alone[1])
+        if step == 10:  # a checkpoint read back: the states' tensors are replaced
+            opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+        grads = [torch.randn(s, generator=g) for s in shapes]
+        for i, (a, b) in enumerate(zip(together, alone)):
+            a.grad = b.grad = grads[i].clone() if i in active else None
+        opt.step()
+        for o in opts:
+            o.step()
+    assert all(torch.equal(a, b) for a, b in zip(together, alone))
+    for i, (a, b) in enumerate(zip(together, alone)):
+        assert opt.state[a].keys() == opts[i].state[b].keys()
+        assert all(torch.equal(v, opts[i].state[b][k]) for k, v in opt.state[a].items() if torch.is_tensor(v))
+
+
 @pytest.mark.parametrize("freeze_step", [0, -3, 1.5])
 def test_freeze_step_must_be_positive_int(freeze_step):
     with pytest.raises(ValueError, match="freeze_step"):
