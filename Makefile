@@ -17,8 +17,10 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $@
 
 # DeepSpeed compiles its CPU all-reduce kernel (shared memory, ~35 s on 2 cores) the first time a
-# run starts, into ~/.cache/torch_extensions: compiled here, with the install, not inside the first
-# `modular train` or `make demo`.
+# run starts: compiled here, with the install, not inside the first `modular train` or `make demo`;
+# kept in the environment (torch's default, ~/.cache/torch_extensions, is shared by all
+# environments, which then recompile it in turn).
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 $(DS_CPU_OPS): $(STAMP)
 	$(PY) -c "import deepspeed; from deepspeed.accelerator import get_accelerator; \
 		op = get_accelerator().create_op_builder('ShareMemCommBuilder'); \
