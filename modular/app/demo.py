@@ -137,10 +137,18 @@ def merge_all(cfg: DemoConfig, task_models: dict[str, Path], out: Path, evaluato
     from merging import TaskVector, merge
 
     task_vectors = [TaskVector.from_models(out / "base", p, label=t) for t, p in task_models.items()]
+    base = backbone_state(out / "base")
 
     def score_for(method: str):
-        def score(lam: float) -> float:  # merged in memory by the same merging.merge
-            return evaluator.validation_score(merge(method, out / "base", task_vectors, lambda_=lam, progress=False))
+        # TA and TIES merge to θ_0 + λ·g(τ_1..τ_K): g is merged once by the same merging.merge (over
+        # a zero base), then scaled per λ as the method scales it (TIES's trimming is not redone)
+        direction = {}
+
+        def score(lam: float) -> float:
+            if not direction:
+                direction.update(merge(method, {n: t.new_zeros(t.shape) for n, t in base.items()}, task_vectors,
+                                       lambda_=1.0, progress=False))
+            return evaluator.validation_score({n: _at_lambda(base[n], direction[n], lam) for n in base})
         return score
 
     merges, grids = static_merges(cfg, task_models, out, score_for)
@@ -152,6 +160,13 @@ def merge_all(cfg: DemoConfig, task_models: dict[str, Path], out: Path, evaluato
                   "# its task's unlabelled validation inputs\n")
         merges[f"adamerging_{granularity}"] = run_merge_yaml(out, f"adamerging_{granularity}", doc, header)
     return merges, grids
+
+
+def _at_lambda(base, direction, lam: float):
+    """θ_0 + λ·g in the operation order of ``merging.methods.common.generalized_task_arithmetic``."""
+    if not base.is_floating_point():
+        return base
+    return base + (direction if lam == 1 else direction * lam)
 
 
 # ----------------------------------------------------------------------------- 5. evaluate
