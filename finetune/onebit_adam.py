@@ -25,9 +25,9 @@ Design choices (no anchor settles them):
   DeepSpeed's old 1-bit Adam froze ``v`` globally, so a layer activated later had ``v = 0`` and diverged.
 * **Error buffers are per parameter and rank-local** (``worker_error`` and ``server_error``, each of the
   parameter's shape; a rank reads/writes only the positions it serves in the server error), so they
-  survive LISA switching which parameters are compressed together. While the set stays the same
-  they are views into one flat buffer per kind, which the all-reduce updates in place. Save the optimizer state per
-  rank; :meth:`state_dict` carries frozen variance and both error buffers, and a resumed run
+  survive LISA switching which parameters are compressed together (while the set stays the same,
+  they are views into one flat buffer per kind, which the all-reduce updates in place). Save the
+  optimizer state per rank; :meth:`state_dict` carries frozen variance and both error buffers, and a resumed run
   continues bit for bit. Hosts that save the optimizer of rank 0 only (``Trainer``'s
   ``optimizer.pt``, DeepSpeed ZeRO-0 checkpoints) resume every rank with rank 0's error buffers:
   parameters stay identical across ranks, but the run is not bit-identical to an uninterrupted one
@@ -234,11 +234,10 @@ class OneBitAdam(torch.optim.Optimizer):
             weight.add_(direction, alpha=-group["lr"] / (1 - group["betas"][0] ** state["step"]))
             _store(p, weight)
 
-
     def _error_buffers(self, params: list, states: list[dict], padded: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The worker and server errors of ``params`` as two flat buffers of ``padded`` elements whose
         parts *are* the states' tensors, so the all-reduce updates the states in place (copying
-        them out and back was a tenth of a fine-tuning step on CPU). Rebuilt when the compressed
+        them out and back cost a few percent of a fine-tuning step on CPU). Rebuilt when the compressed
         parameters change (LISA) or a state's tensors were replaced (end of warm-up, a loaded
         checkpoint); the padding is zeroed on every call."""
         flats = self._error_flats
