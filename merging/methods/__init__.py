@@ -3,7 +3,15 @@
 the task-arithmetic family's parameters in :mod:`merging.methods.family`."""
 
 from .breadcrumbs import breadcrumbs, breadcrumbs_ties
-from .common import COMBINES, della_magprune, drop_and_rescale, elect_sign, magnitude_outliers, trim_magnitude
+from .common import (
+    COMBINES,
+    apply_lambda,
+    della_magprune,
+    drop_and_rescale,
+    elect_sign,
+    magnitude_outliers,
+    trim_magnitude,
+)
 from .dare import dare_linear, dare_ties
 from .della import della, della_linear
 from .linear import linear
@@ -25,7 +33,7 @@ from .task_arithmetic import task_arithmetic
 from .ties import ties, ties_process
 
 __all__ = [
-    "COMBINES", "REQUIRED", "MergeMethod", "Parameter", "breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties", "della",
+    "COMBINES", "REQUIRED", "MergeMethod", "Parameter", "apply_lambda", "breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties", "della",
     "della_linear", "della_magprune", "drop_and_rescale", "elect_sign", "finite", "get_merge_method", "in_range", "is_bool",
     "linear", "magnitude_outliers", "merge_method_names", "model_stock", "one_of", "register_merge_method", "slerp",
     "task_arithmetic", "ties", "ties_process", "trim_magnitude",

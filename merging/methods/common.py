@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 __all__ = [
-    "COMBINES", "combine_disjoint", "della_magprune", "drop_and_rescale", "elect_sign", "generalized_task_arithmetic",
+    "COMBINES", "apply_lambda", "combine_disjoint", "della_magprune", "drop_and_rescale", "elect_sign", "generalized_task_arithmetic",
     "magnitude_outliers", "per_model", "rescale_l1", "stack_weighted", "sum_weighted", "trim_magnitude",
 ]
 
@@ -217,6 +217,15 @@ def generalized_task_arithmetic(
         mixed = combine_disjoint(weighted, w, elect_sign(weighted), combine or ("mergekit" if normalize else "sum"))
     else:
         mixed = sum_weighted(weighted, w, normalize)
+    return apply_lambda(base, mixed, lambda_)
+
+
+def apply_lambda(base: torch.Tensor, mixed: torch.Tensor, lambda_: float) -> torch.Tensor:
+    """θ_0 + λ · mixed in ``base``'s dtype: the last step of every task-arithmetic-family method.
+
+    Merging ``mixed`` once (λ = 1 over a zero base) and calling this per λ gives, bit for bit,
+    what the method writes at each λ (a λ grid without re-merging).
+    """
     if lambda_ != 1:
         mixed = mixed * lambda_
     return (base + mixed).to(base.dtype)

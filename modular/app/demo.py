@@ -135,6 +135,7 @@ def classification_recipe(cfg: DemoConfig, task: str, out: Path) -> dict:
 def merge_all(cfg: DemoConfig, task_models: dict[str, Path], out: Path, evaluator) -> tuple[dict[str, Path], dict]:
     """Task arithmetic and TIES at their validation-chosen λ, AdaMerging with the library's defaults."""
     from merging import TaskVector, merge
+    from merging.methods import apply_lambda
 
     task_vectors = [TaskVector.from_models(out / "base", p, label=t) for t, p in task_models.items()]
     base = backbone_state(out / "base")
@@ -148,7 +149,8 @@ def merge_all(cfg: DemoConfig, task_models: dict[str, Path], out: Path, evaluato
             if not direction:
                 direction.update(merge(method, {n: t.new_zeros(t.shape) for n, t in base.items()}, task_vectors,
                                        lambda_=1.0, progress=False))
-            return evaluator.validation_score({n: _at_lambda(base[n], direction[n], lam) for n in base})
+            return evaluator.validation_score({n: apply_lambda(t, direction[n], lam) if t.is_floating_point() else t
+                                               for n, t in base.items()})
         return score
 
     merges, grids = static_merges(cfg, task_models, out, score_for)
@@ -160,13 +162,6 @@ def merge_all(cfg: DemoConfig, task_models: dict[str, Path], out: Path, evaluato
                   "# its task's unlabelled validation inputs\n")
         merges[f"adamerging_{granularity}"] = run_merge_yaml(out, f"adamerging_{granularity}", doc, header)
     return merges, grids
-
-
-def _at_lambda(base, direction, lam: float):
-    """θ_0 + λ·g in the operation order of ``merging.methods.common.generalized_task_arithmetic``."""
-    if not base.is_floating_point():
-        return base
-    return base + (direction if lam == 1 else direction * lam)
 
 
 # ----------------------------------------------------------------------------- 5. evaluate

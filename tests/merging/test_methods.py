@@ -24,6 +24,16 @@ def test_task_arithmetic_by_hand():
     assert torch.allclose(normalized, (D1 + 0.5 * D2) / 1.5)
 
 
+def test_apply_lambda_is_base_plus_lambda_times_mixed_in_base_dtype():
+    from merging.methods import apply_lambda
+
+    base = torch.tensor([1.0, -2.0, 0.5], dtype=torch.bfloat16)
+    mixed = torch.tensor([2.0, 4.0, -1.0])
+    scaled = apply_lambda(base, mixed, 0.25)
+    assert scaled.dtype == torch.bfloat16 and scaled.tolist() == [1.5, -1.0, 0.25]
+    assert torch.equal(apply_lambda(base.float(), mixed, 1.0), base.float() + mixed)
+
+
 @pytest.mark.parametrize(
     "combine,weights,expected_row0",
     [
