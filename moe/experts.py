@@ -48,9 +48,17 @@ def _expert_rows(counts: list[int]):
 
 def _linear_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  transposed: bool) -> torch.Tensor:
-    """``out = x @ weight.T + bias`` (``x @ weight`` when ``transposed``), written into ``out``."""
-    w = weight if transposed else weight.t()
-    return torch.mm(x, w, out=out) if bias is None else torch.addmm(bias, x, w, out=out)
+    """``out = x @ weight.T + bias`` (``x @ weight`` when ``transposed``), written into ``out``; the
+    bias added after the product (not ``addmm``), the rounding of a plain linear layer."""
+    torch.mm(x, weight if transposed else weight.t(), out=out)
+    return out if bias is None else out.add_(bias)
+
+
+def _gathered_bias_grad(grad: torch.Tensor, expert_of_pair: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """The gradient of ``bias[expert_of_pair]`` for ``grad`` (E, out), computed as autograd computes
+    it (``index_put_`` with accumulation), so it equals a plain ``h + bias[expert_of_pair]``'s bit
+    for bit at any thread count (a per-expert sum adds the rows in another order)."""
+    return grad.new_zeros(num_experts, grad.shape[1]).index_put_((expert_of_pair,), grad, accumulate=True)
 
 
 class _ExpertMLPs(torch.autograd.Function):
@@ -58,8 +66,8 @@ class _ExpertMLPs(torch.autograd.Function):
     ``y[rows of e] = act(x W_up[e]ᵀ + b_up[e]) W_down[e]ᵀ + b_down[e]``.
 
     x (S, in) sorted by expert; weights (E, out, in), or (E, in, out) when ``transposed``; biases
-    (E, out) or None; counts: E Python ints summing to S; ``activation`` maps the up projection's
-    output to the down projection's input (gated or not).
+    (E, out) or None; counts: E Python ints summing to S; expert_of_pair (S,): each row's expert;
+    ``activation`` maps the up projection's output to the down projection's input (gated or not).
 
     Why one expert at a time rather than two grouped matmuls over all rows: the expert's
     (n_e, 2·ffn) intermediate stays in cache between its matmuls and the activation, and backward
@@ -70,26 +78,26 @@ class _ExpertMLPs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, up_w, up_b, down_w, down_b, counts: list[int], transposed: bool, activation):
+    def forward(ctx, x, up_w, up_b, down_w, down_b, counts: list[int], expert_of_pair: torch.Tensor, transposed: bool,
+                activation):
         up_out = x.new_empty(x.shape[0], up_w.shape[2] if transposed else up_w.shape[1])
         out = x.new_empty(x.shape[0], down_w.shape[2] if transposed else down_w.shape[1])
         for e, rows in _expert_rows(counts):
             _linear_into(up_out[rows], x[rows], up_w[e], None if up_b is None else up_b[e], transposed)
             _linear_into(out[rows], activation(up_out[rows]), down_w[e], None if down_b is None else down_b[e], transposed)
-        ctx.save_for_backward(x, up_w, down_w, up_out)
+        ctx.save_for_backward(x, up_w, down_w, up_out, expert_of_pair)
         ctx.counts, ctx.transposed, ctx.activation = counts, transposed, activation
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        x, up_w, down_w, up_out = ctx.saved_tensors
+        x, up_w, down_w, up_out, expert_of_pair = ctx.saved_tensors
         grad_out, transposed, need = grad_out.contiguous(), ctx.transposed, ctx.needs_input_grad
         grad_x = torch.empty_like(x) if need[0] else None
         grad_up_w = torch.empty_like(up_w) if need[1] else None
-        grad_up_b = up_out.new_empty(up_w.shape[0], up_out.shape[1]) if need[2] else None
+        grad_pre_rows = torch.empty_like(up_out) if need[2] else None  # for the up bias's gradient
         grad_down_w = torch.empty_like(down_w) if need[3] else None
-        grad_down_b = grad_out.new_empty(down_w.shape[0], grad_out.shape[1]) if need[4] else None
-        weight_grads = [g for g in (grad_up_w, grad_up_b, grad_down_w, grad_down_b) if g is not None]
+        weight_grads = [g for g in (grad_up_w, grad_down_w) if g is not None]
         for e, n in enumerate(ctx.counts):
             if not n:  # only unused experts need zeros: saves a full-size fill
                 for g in weight_grads:
@@ -101,18 +109,19 @@ class _ExpertMLPs(torch.autograd.Function):
                 act = ctx.activation(pre)
             if grad_down_w is not None:  # dW = dyᵀ a  (aᵀ dy when transposed)
                 torch.mm(*((act.detach().t(), dy) if transposed else (dy.t(), act.detach())), out=grad_down_w[e])
-            if grad_down_b is not None:
-                torch.sum(dy, 0, out=grad_down_b[e])
-            if grad_x is None and grad_up_w is None and grad_up_b is None:
+            if grad_x is None and grad_up_w is None and grad_pre_rows is None:
                 continue
             (grad_pre,) = torch.autograd.grad(act, pre, dy @ (down_w[e].t() if transposed else down_w[e]))
             if grad_up_w is not None:
                 torch.mm(*((x[rows].t(), grad_pre) if transposed else (grad_pre.t(), x[rows])), out=grad_up_w[e])
-            if grad_up_b is not None:
-                torch.sum(grad_pre, 0, out=grad_up_b[e])
+            if grad_pre_rows is not None:
+                grad_pre_rows[rows] = grad_pre
             if grad_x is not None:
                 torch.mm(grad_pre, up_w[e].t() if transposed else up_w[e], out=grad_x[rows])
-        return grad_x, grad_up_w, grad_up_b, grad_down_w, grad_down_b, None, None, None
+        num_experts = up_w.shape[0]
+        grad_up_b = _gathered_bias_grad(grad_pre_rows, expert_of_pair, num_experts) if need[2] else None
+        grad_down_b = _gathered_bias_grad(grad_out, expert_of_pair, num_experts) if need[4] else None
+        return grad_x, grad_up_w, grad_up_b, grad_down_w, grad_down_b, None, None, None, None
 
 
 ExpertMLPs = Callable[[torch.nn.Module, torch.Tensor, list[int], torch.Tensor], torch.Tensor]
@@ -153,7 +162,8 @@ def _activation(experts):
 
 def _expert_mlps_per_expert(experts, x: torch.Tensor, counts: list[int], expert_of_pair: torch.Tensor) -> torch.Tensor:
     up, up_bias, down, down_bias = _projections(experts)
-    return _ExpertMLPs.apply(x, up, up_bias, down, down_bias, counts, experts.is_transposed, _activation(experts))
+    return _ExpertMLPs.apply(x, up, up_bias, down, down_bias, counts, expert_of_pair, experts.is_transposed,
+                             _activation(experts))
 
 
 def _torch_grouped_mm():
