@@ -49,7 +49,7 @@ def _expert_rows(counts: list[int]):
 def _linear_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  transposed: bool) -> torch.Tensor:
     """``out = x @ weight.T + bias`` (``x @ weight`` when ``transposed``), written into ``out``; the
-    bias added after the product (not ``addmm``), the rounding of a plain linear layer."""
+    bias is added after the product (not ``addmm``): the rounding of ``h + bias[expert_of_pair]``."""
     torch.mm(x, weight if transposed else weight.t(), out=out)
     return out if bias is None else out.add_(bias)
 
@@ -57,7 +57,8 @@ def _linear_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias:
 def _gathered_bias_grad(grad: torch.Tensor, expert_of_pair: torch.Tensor, num_experts: int) -> torch.Tensor:
     """The gradient of ``bias[expert_of_pair]`` for ``grad`` (E, out), computed as autograd computes
     it (``index_put_`` with accumulation), so it equals a plain ``h + bias[expert_of_pair]``'s bit
-    for bit at any thread count (a per-expert sum adds the rows in another order)."""
+    for bit on one thread (a per-expert sum adds the rows in another order; on more threads the
+    accumulation order, and so the last bits, can vary from run to run, as autograd's does)."""
     return grad.new_zeros(num_experts, grad.shape[1]).index_put_((expert_of_pair,), grad, accumulate=True)
 
 
