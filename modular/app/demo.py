@@ -132,25 +132,37 @@ def classification_recipe(cfg: DemoConfig, task: str, out: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------- 4. merge
+def merged_direction(method: str, base: dict, task_vectors: list) -> dict:
+    """g(τ_1..τ_K) of a task-arithmetic-family method: ``merging.merge`` at λ = 1 over a zero base.
+
+    TA and TIES write θ_0 + λ·g, so one merge serves a whole λ grid (TIES's trimming is not redone).
+    """
+    from merging import merge
+
+    return merge(method, {n: t.new_zeros(t.shape) for n, t in base.items()}, task_vectors, lambda_=1.0, progress=False)
+
+
+def state_at_lambda(base: dict, direction: dict, lambda_: float) -> dict:
+    """What the method writes at ``lambda_``, from its ``merged_direction``; integer buffers stay the base's."""
+    from merging.methods import apply_lambda
+
+    return {n: apply_lambda(t, direction[n], lambda_) if t.is_floating_point() else t for n, t in base.items()}
+
+
 def merge_all(cfg: DemoConfig, task_models: dict[str, Path], out: Path, evaluator) -> tuple[dict[str, Path], dict]:
     """Task arithmetic and TIES at their validation-chosen λ, AdaMerging with the library's defaults."""
-    from merging import TaskVector, merge
-    from merging.methods import apply_lambda
+    from merging import TaskVector
 
     task_vectors = [TaskVector.from_models(out / "base", p, label=t) for t, p in task_models.items()]
     base = backbone_state(out / "base")
 
     def score_for(method: str):
-        # TA and TIES merge to θ_0 + λ·g(τ_1..τ_K): g is merged once by the same merging.merge (over
-        # a zero base), then scaled per λ as the method scales it (TIES's trimming is not redone)
         direction = {}
 
         def score(lam: float) -> float:
             if not direction:
-                direction.update(merge(method, {n: t.new_zeros(t.shape) for n, t in base.items()}, task_vectors,
-                                       lambda_=1.0, progress=False))
-            return evaluator.validation_score({n: apply_lambda(t, direction[n], lam) if t.is_floating_point() else t
-                                               for n, t in base.items()})
+                direction.update(merged_direction(method, base, task_vectors))
+            return evaluator.validation_score(state_at_lambda(base, direction, lam))
         return score
 
     merges, grids = static_merges(cfg, task_models, out, score_for)

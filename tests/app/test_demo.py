@@ -300,15 +300,15 @@ def test_report_labels_layers_of_each_family_and_shortens_task_paths():
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
 def test_lambda_grid_scales_one_merge_to_what_merge_writes_bit_for_bit(encoder_run, method):
     from merging import TaskVector, merge
-    from merging.methods import apply_lambda
-    from modular.app.demo import backbone_state
+    from modular.app.demo import backbone_state, merged_direction, state_at_lambda
 
     tvs = [TaskVector.from_models(encoder_run / "base", encoder_run / "runs" / t / "model", label=t) for t in TASKS]
     base = backbone_state(encoder_run / "base")
-    direction = merge(method, {n: t.new_zeros(t.shape) for n, t in base.items()}, tvs, lambda_=1.0, progress=False)
+    direction = merged_direction(method, base, tvs)
     for lam in (0.3, 0.5, 1.0):
         written = merge(method, encoder_run / "base", tvs, lambda_=lam, progress=False)
-        scaled = {n: apply_lambda(t, direction[n], lam) if t.is_floating_point() else t for n, t in base.items()}
+        scaled = state_at_lambda(base, direction, lam)
         assert written.keys() == scaled.keys()
         assert all(torch.equal(written[n].view(torch.int32), scaled[n].view(torch.int32)) for n in written
                    if written[n].dtype == torch.float32)
+        assert all(torch.equal(written[n], scaled[n]) for n in written if not written[n].is_floating_point())
